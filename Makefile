@@ -1,0 +1,49 @@
+# sparsedist developer entry points. `make setup` is idempotent: a stamp file records
+# what was installed, so repeated runs return in about a second.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.setup-stamp
+APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
+
+.PHONY: setup system-deps test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(MAKE) system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first and pinned: ray[train] would otherwise pull a different build.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt numpy numba cython pkgconfig
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+system-deps:
+	@if pkg-config --exists opencv4 2>/dev/null && [ -f /usr/include/turbojpeg.h ] \
+	    && { [ -d /usr/share/datasets/fashion-mnist ] || ! command -v apt-get >/dev/null; }; then \
+	  echo "system libraries present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	elif pkg-config --exists opencv4 2>/dev/null && [ -f /usr/include/turbojpeg.h ]; then \
+	  echo "note: dataset-fashion-mnist not installed (needs root: apt-get install dataset-fashion-mnist)"; \
+	else \
+	  echo "FFCV needs system libraries: install them with" >&2; \
+	  echo "  sudo apt-get install $(APT_PACKAGES)" >&2; \
+	  echo "(other systems: OpenCV 4 with opencv4.pc, libjpeg-turbo, pkg-config)" >&2; \
+	  exit 1; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q -x --timeout=900
+
+demo: setup
+	$(VENV)/bin/sparsedist demo
+
+bench: setup
+	$(VENV)/bin/sparsedist bench sparsity
+	$(VENV)/bin/sparsedist bench data
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Activation-sparsity regime training, distributed."""
