@@ -21,7 +21,7 @@ PRESETS_PACKAGE = "sparsedist.configs"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=False, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 def raise_field_errors(title: str, problems: list[tuple[str, str, Any]]) -> None:
