@@ -1,0 +1,99 @@
+"""`sparsedist` command line. Each subcommand imports its machinery lazily so `config validate` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from sparsedist.config import ConfigError, load_config
+
+EXIT_CONFIG = 2
+
+
+def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        parser.add_argument("config", help="YAML file or preset name")
+    else:
+        parser.add_argument("--config", required=True, help="YAML file or preset name")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted config key (value parsed as YAML); repeatable")
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from sparsedist.data import prepare
+
+    overrides = [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else [])
+    if args.source:
+        overrides.append(f"data.source={args.source}")
+    cfg = load_config(args.config, overrides + args.overrides)
+    paths = prepare(cfg.data, log=print)
+    print(json.dumps(paths if isinstance(paths, dict) else str(paths), indent=2, default=str))
+    return 0
+
+
+def _write_json(figures: dict, path: str | None) -> None:
+    print(json.dumps(figures, indent=2))
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(figures, handle, indent=2)
+
+
+def cmd_bench_sparsity(args: argparse.Namespace) -> int:
+    from sparsedist.bench.sparsity import run_sparsity_benchmark
+
+    run_sparsity_benchmark(json_out=args.json)
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    from sparsedist.bench.data import run_data_benchmark
+
+    run_data_benchmark(json_out=args.json)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsedist", description="Activation-sparsity regime training on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config = commands.add_parser("config", help="inspect configurations").add_subparsers(dest="action", required=True)
+    validate = config.add_parser("validate", help="print the resolved YAML, or every error (exit 2)")
+    _add_config_args(validate, positional=True)
+    validate.set_defaults(func=cmd_config_validate)
+
+    data = commands.add_parser("data", help="dataset preparation").add_subparsers(dest="action", required=True)
+    prepare = data.add_parser("prepare", help="write train/val/test .beton files once")
+    prepare.add_argument("--dataset", required=True, help="synthetic, cifar10, cifar100 or fashion-mnist")
+    prepare.add_argument("--root", help="directory for .beton files and downloads")
+    prepare.add_argument("--source", help="already-downloaded archive or folder to read")
+    prepare.add_argument("--config", default=None, help="base config (for synthetic/val settings)")
+    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    prepare.set_defaults(func=cmd_data_prepare)
+
+    bench = commands.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="action", required=True)
+    for name, func in (("sparsity", cmd_bench_sparsity), ("data", cmd_bench_data)):
+        sub = bench.add_parser(name)
+        sub.add_argument("--json", metavar="OUT", help="also write the figures as a JSON object")
+        sub.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as error:
+        print(error.format(), file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""The training loop: one function that trains and evaluates a `Config` on given loaders.
+
+Read top to bottom: build (model + sparsity, optimizer, schedule, controller) -> maybe resume ->
+per epoch: train steps (forward, all-reduced metrics, update, sparsity statistics, controller) ->
+per-regime evaluation -> epoch record -> `on_epoch_end` (checkpointing is the caller's choice).
+Works on one process or under torch.distributed's default group; it never imports Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sparsedist.config import Config
+from sparsedist.controllers import build_controller
+from sparsedist.data.base import Batch, Loaders
+from sparsedist.logging import Sink, regime_key
+from sparsedist.models import build_model
+from sparsedist.sparsity import ActivationSparsity
+from sparsedist.train.distributed import all_reduce_sum, world
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss."""
+
+
+@dataclass
+class EpochEnd:
+    epoch: int  # 0-based epoch just finished
+    record: dict[str, Any]  # the epoch record, identical on every rank
+    is_best: bool  # best validation accuracy at eval.select_keep_ratio so far
+    state: Callable[[], dict[str, Any]]  # full checkpoint state as plain data
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    sparsity: ActivationSparsity
+    final_record: dict[str, Any] | None
+    best_record: dict[str, Any] | None
+    # One entry per optimizer step run by this call: step, keep_ratio (used), event, threshold (used).
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
+
+
+def scaled_lr(cfg: Config) -> float:
+    return cfg.optim.lr * (cfg.train.batch_size / 128 if cfg.optim.scale_lr else 1.0)
+
+
+def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step t, for the configured schedule."""
+    optim = cfg.optim
+    if optim.schedule == "cosine":
+        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
+    if optim.schedule == "step":
+        milestones = [round(m * total_steps) for m in optim.step_milestones]
+        return lambda t: optim.step_gamma ** sum(t >= m for m in milestones)
+    return lambda t: 1.0
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    # bf16 autocast only on CUDA: CPU bf16 convolutions are slow and not what the paper ran.
+    if cfg.train.precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def accuracy_on(model: nn.Module, batches: Iterable[Batch], cfg: Config, device: torch.device) -> float:
+    """Accuracy over this rank's batches, summed over replicas (each example counted once)."""
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        with autocast_for(cfg, device):
+            logits = model(images)
+        counts[0] += (logits.argmax(dim=1) == labels).sum()
+        counts[1] += labels.numel()
+    all_reduce_sum(counts)
+    return (counts[0] / counts[1].clamp(min=1)).item()
+
+
+@torch.no_grad()
+def evaluate_regimes(model: nn.Module, sparsity: ActivationSparsity, loaders: Loaders, cfg: Config,
+                     device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Per-regime accuracy on validation and test; in network scope tau is calibrated per regime first."""
+    was_training, was_collecting = model.training, sparsity.collecting
+    model.eval()
+    sparsity.collecting = False
+    splits = {"val": loaders.val, "test": loaders.test} if loaders.val is not None else {"test": loaders.test}
+    accuracies: dict[str, dict[str, float]] = {split: {} for split in splits}
+    calibration: dict[str, dict[str, Any]] = {}
+    for keep_ratio in cfg.eval.keep_ratios:
+        threshold = None
+        if sparsity.scope == "network" and keep_ratio < 1.0:
+            def run_calibration_forward() -> None:
+                for images, _ in loaders.calibration:
+                    with autocast_for(cfg, device):
+                        model(images)
+
+            result = sparsity.calibrate(
+                run_calibration_forward, keep_ratio, tolerance=cfg.sparsity.calibration_tolerance,
+                max_iters=cfg.sparsity.calibration_max_iters,
+            )
+            threshold = result.threshold
+            calibration[regime_key(keep_ratio)] = {
+                "threshold": result.threshold, "realized_keep": result.realized_keep,
+                "iterations": result.iterations, "converged": result.converged,
+            }
+        with sparsity.regime(keep_ratio, threshold=threshold):
+            for split, batches in splits.items():
+                accuracies[split][regime_key(keep_ratio)] = accuracy_on(model, batches, cfg, device)
+    model.train(was_training)
+    sparsity.collecting = was_collecting
+    return accuracies, calibration
+
+
+def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequence[Sink] = (),
+          on_epoch_end: Callable[[EpochEnd], None] | None = None,
+          resume_state: dict[str, Any] | None = None) -> TrainResult:
+    rank, world_size = world()
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+
+    # ---- build
+    steps_per_epoch = len(loaders.train)
+    total_steps = cfg.train.epochs * steps_per_epoch
+    controller = build_controller(cfg.controller, steps_per_epoch)
+    sparsity = ActivationSparsity(cfg.sparsity.scope, keep_ratio=controller.keep_ratio)
+    model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, sparsity.new_site).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # DDP averages gradients; every replica already starts from the same seeded initialization.
+    trained = DistributedDataParallel(model) if world_size > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg), momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+    loss_fn = nn.CrossEntropyLoss()
+
+    start_epoch, step, best_val = 0, 0, None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        controller.load_state_dict(resume_state["controller"])
+        sparsity.load_state_dict(resume_state["sparsity"])
+        set_rng_state(resume_state["rng"], device)
+        start_epoch, step, best_val = resume_state["epoch"] + 1, resume_state["step"], resume_state["best_val"]
+
+    def checkpoint_state(epoch: int) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "controller": controller.state_dict(), "sparsity": sparsity.state_dict(), "rng": rng_state(device),
+            "epoch": epoch, "step": step, "best_val": best_val, "config": cfg.model_dump_json(),
+        }
+
+    result = TrainResult(model=model, sparsity=sparsity, final_record=None, best_record=None)
+    consecutive_nonfinite = 0
+    for epoch in range(start_epoch, cfg.train.epochs):
+        # ---- train one epoch
+        loaders.train.set_epoch(epoch)
+        model.train()
+        sparsity.collecting = True
+        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
+        events: Counter[str] = Counter()
+        nonfinite_steps, realized_sum, epoch_start = 0, 0.0, time.perf_counter()
+        for images, labels in loaders.train:
+            keep_used, threshold_used = sparsity.keep_ratio, sparsity.threshold
+            with autocast_for(cfg, device):
+                logits = trained(images)
+                loss = loss_fn(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
+            # step is then dropped on every rank alike (the decision uses all-reduced numbers).
+            loss.backward()
+            batch = torch.stack([
+                loss.detach().double() * labels.numel(),
+                (logits.detach().argmax(dim=1) == labels).sum().double(),
+                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                (~torch.isfinite(loss.detach())).double(),
+            ])
+            loss_sum, correct, count, nonfinite = all_reduce_sum(batch).tolist()
+            if nonfinite:
+                nonfinite_steps += 1
+                consecutive_nonfinite += 1
+                sparsity.discard_step()
+                record = {"kind": "step", "epoch": epoch, "step": step, "skipped": True, "loss": None,
+                          "event": "nonfinite", "keep_ratio": keep_used, "threshold": threshold_used}
+                for sink in sinks:
+                    sink.write(record)
+                if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{consecutive_nonfinite} consecutive steps had a NaN/Inf loss (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); stopping at epoch {epoch}, step {step}. The last good "
+                        "checkpoint is intact; lower optim.lr or check the data."
+                    )
+                continue
+            consecutive_nonfinite = 0
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            stats = sparsity.finish_step()
+            accuracy = correct / count
+            decision = controller.step(accuracy)
+            sparsity.set_keep_ratio(decision.keep_ratio)
+            events[decision.event] += 1
+            totals += torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+            realized_sum += stats.realized_keep
+            result.trajectory.append({"step": step, "keep_ratio": keep_used, "event": decision.event,
+                                      "threshold": threshold_used})
+            if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup"):
+                record = {
+                    "kind": "step", "epoch": epoch, "step": step, "skipped": False, "loss": loss_sum / count,
+                    "accuracy": accuracy, "keep_ratio": keep_used, "threshold": threshold_used,
+                    "realized_keep": stats.realized_keep, "event": decision.event,
+                    "lr": optimizer.param_groups[0]["lr"], "density": stats.site_density,
+                }
+                for sink in sinks:
+                    sink.write(record)
+        train_time = time.perf_counter() - epoch_start
+        trained_steps = max(1, steps_per_epoch - nonfinite_steps)
+
+        # ---- evaluate the per-regime grid
+        last_epoch = epoch == cfg.train.epochs - 1
+        accuracies, calibration = {}, {}
+        if last_epoch or (epoch + 1) % cfg.eval.every_epochs == 0:
+            accuracies, calibration = evaluate_regimes(model, sparsity, loaders, cfg, device)
+        val_accuracy = accuracies.get("val", {}).get(regime_key(cfg.eval.select_keep_ratio))
+        is_best = val_accuracy is not None and (best_val is None or val_accuracy > best_val)
+        if is_best:
+            best_val = val_accuracy
+
+        record = {
+            "kind": "epoch", "epoch": epoch, "step": step,
+            "train_loss": totals[0].item() / max(totals[2].item(), 1),
+            "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
+            "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
+            "realized_keep": realized_sum / trained_steps, "events": dict(events),
+            "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
+            "images_per_sec": totals[2].item() / train_time if train_time > 0 else 0.0,
+            "nonfinite_steps": nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
+            "eval": accuracies, "calibration": calibration,
+        }
+        for sink in sinks:
+            sink.write(record)
+        result.final_record = record
+        if is_best:
+            result.best_record = record
+        if on_epoch_end is not None:
+            on_epoch_end(EpochEnd(epoch=epoch, record=record, is_best=is_best,
+                                  state=lambda epoch=epoch: checkpoint_state(epoch)))
+    return result
