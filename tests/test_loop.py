@@ -1,0 +1,121 @@
+import math
+
+import pytest
+import torch
+
+from sparsedist.logging import JsonLinesSink, read_jsonl
+from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsedist.train.loop import NonFiniteLossError, train
+from tests.distributed import run_gloo
+from tests.helpers import loaders_for, tiny_config
+
+CPU = torch.device("cpu")
+# Network scope and a fast adaptive controller, so tau, rho and controller state all change every epoch.
+RESUME_OVERRIDES = ("sparsity.scope=network", "train.epochs=4", "train.batch_size=32", "controller.interval=2",
+                    "controller.tighten_pct=0.3", "eval.keep_ratios=[1.0, 0.3]", "sparsity.calibration_batches=1")
+
+
+def parameters(model):
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_single_process_training_learns_and_writes_metrics(tmp_path):
+    cfg = tiny_config("train.epochs=3", "train.batch_size=32")
+    sink = JsonLinesSink(str(tmp_path / "metrics.jsonl"))
+    result = train(cfg, loaders_for(cfg), device=CPU, sinks=[sink])
+    sink.close()
+    records = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1, 2]
+    assert epochs[-1]["eval"]["test"]["1.00"] >= 0.8, epochs[-1]
+    assert set(epochs[-1]["eval"]) == {"val", "test"} and set(epochs[-1]["eval"]["val"]) == {"1.00", "0.50", "0.20"}
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 3 * 8 and all(0 < s["realized_keep"] <= 1 for s in steps)
+    assert {"tighten"} <= {s["event"] for s in steps}, "the smoke controller should act within 24 steps"
+    assert min(s["keep_ratio"] for s in steps) < 1.0
+    assert len(steps[0]["density"]) == 7  # WRN-10-1: 3 blocks x 2 sites + the final site
+
+
+def test_resume_continues_the_identical_trajectory(tmp_path):
+    cfg = tiny_config(*RESUME_OVERRIDES)
+    straight = train(cfg, loaders_for(cfg), device=CPU)
+
+    def save_epoch_1_and_stop(end):
+        if end.epoch == 1:
+            save_checkpoint(end.state(), str(tmp_path / "epoch_00001"))
+            raise KeyboardInterrupt  # stop the run here, as a killed job would
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, loaders_for(cfg), device=CPU, on_epoch_end=save_epoch_1_and_stop)
+    first_half = len(straight.trajectory) // 2
+    # Fresh loaders and model, as in a new process; the state comes back through a weights_only load.
+    resumed = train(cfg, loaders_for(cfg), device=CPU, resume_state=load_checkpoint(str(tmp_path / "epoch_00001")))
+
+    assert resumed.trajectory == straight.trajectory[first_half:]
+    for name, value in parameters(straight.model).items():
+        assert torch.equal(value, parameters(resumed.model)[name]), name
+    assert resumed.sparsity.threshold == straight.sparsity.threshold
+    assert resumed.final_record["eval"] == straight.final_record["eval"]
+    assert any(t["event"] == "tighten" for t in straight.trajectory) and straight.sparsity.threshold > 0
+
+
+class PoisonedLoader:
+    """Wraps a train loader, making the images of chosen global steps NaN."""
+
+    def __init__(self, inner, poisoned_steps):
+        self.inner, self.poisoned_steps, self.step = inner, set(poisoned_steps), 0
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for images, labels in self.inner:
+            if self.step in self.poisoned_steps:
+                images = torch.full_like(images, math.nan)
+            self.step += 1
+            yield images, labels
+
+
+def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(tmp_path):
+    cfg = tiny_config("train.epochs=3", "train.batch_size=32", "train.max_nonfinite_steps=3")
+    loaders = loaders_for(cfg)
+    loaders.train = PoisonedLoader(loaders.train, poisoned_steps={2, 4})  # isolated bad steps: skipped
+    result = train(cfg, loaders, device=CPU)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert result.final_record["nonfinite_steps"] == 0 and len(result.trajectory) == 3 * 8 - 2
+
+    checkpoints = tmp_path / "ckpt"
+    loaders = loaders_for(cfg)
+    loaders.train = PoisonedLoader(loaders.train, poisoned_steps={8 + 3, 8 + 4, 8 + 5})  # a streak in epoch 1
+
+    def save(end):
+        save_checkpoint(end.state(), str(checkpoints / f"epoch_{end.epoch:05d}"))
+
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        train(cfg, loaders, device=CPU, on_epoch_end=save)
+    last_good = load_checkpoint(str(checkpoints / "epoch_00000"))
+    assert last_good["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last_good["model"].values())
+
+
+def _train_on_rank(rank, world_size, overrides):
+    cfg = tiny_config(*overrides)
+    result = train(cfg, loaders_for(cfg, rank=rank, world_size=world_size), device=CPU)
+    return parameters(result.model), result.trajectory, result.final_record["eval"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["layer", "network"])
+def test_two_replicas_match_one_process_and_share_every_decision(scope):
+    overrides = (f"sparsity.scope={scope}", "train.epochs=2", "train.batch_size=32", "controller.interval=2",
+                 "controller.tighten_pct=0.3", "eval.keep_ratios=[1.0, 0.3]", "sparsity.calibration_batches=1")
+    (params0, trajectory0, eval0), (params1, trajectory1, eval1) = run_gloo(_train_on_rank, 2, overrides)
+    single_params, single_trajectory, single_eval = _train_on_rank(0, 1, overrides)
+    assert trajectory0 == trajectory1 and eval0 == eval1
+    assert [t["keep_ratio"] for t in trajectory0] == [t["keep_ratio"] for t in single_trajectory]
+    for name, value in single_params.items():
+        torch.testing.assert_close(params0[name], value, rtol=1e-4, atol=1e-5)
+        assert torch.equal(params0[name], params1[name])
