@@ -26,6 +26,13 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from sparsedist.config import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sparsedist.data import prepare
 
@@ -67,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = config.add_parser("validate", help="print the resolved YAML, or every error (exit 2)")
     _add_config_args(validate, positional=True)
     validate.set_defaults(func=cmd_config_validate)
+    config.add_parser("reference", help="print the config reference table (markdown)").set_defaults(func=cmd_config_reference)
 
     data = commands.add_parser("data", help="dataset preparation").add_subparsers(dest="action", required=True)
     prepare = data.add_parser("prepare", help="write train/val/test .beton files once")

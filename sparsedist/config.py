@@ -387,3 +387,24 @@ def load_config(source: str | None = None, overrides: list[str] | dict[str, Any]
     """Load a YAML file or preset (or the defaults), apply --set overrides, validate."""
     data = load_source(source) if source else {}
     return validate(apply_overrides(data, overrides))
+
+
+def reference_markdown() -> str:
+    """The config reference table for the README (`sparsedist config reference`); a test keeps them in sync."""
+
+    def rows(section: type[Section], prefix: str) -> list[str]:
+        lines = []
+        for name, info in section.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+                lines += rows(info.annotation, f"{prefix}{name}.")
+            elif not (name == "controller" or (prefix == "controller." and name == "strategy")):
+                default = info.get_default(call_default_factory=True)
+                lines.append(f"| `{prefix}{name}` | `{default}` | {info.description} |")
+        return lines
+
+    lines = ["| key | default | meaning |", "|---|---|---|", *rows(Config, "")]
+    for strategy in (DenseControllerConfig, FixedControllerConfig, CyclicControllerConfig, AdaptiveControllerConfig):
+        tag = strategy.model_fields["strategy"]
+        lines.append(f"| `controller.strategy: {tag.default}` | | {tag.description} |")
+        lines += rows(strategy, "controller.")
+    return "\n".join(lines) + "\n"

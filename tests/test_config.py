@@ -84,3 +84,12 @@ def test_cli_validate_exit_codes_and_output(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", "no-such-preset"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "paper-s1" in missing.stderr
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from sparsedist.config import reference_markdown
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert reference_markdown() in readme, "regenerate the README table with `sparsedist config reference`"
