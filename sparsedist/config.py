@@ -134,7 +134,7 @@ class FixedControllerConfig(ControllerCommon):
 
 class CyclicControllerConfig(ControllerCommon):
     strategy: Literal["cyclic"] = Field(
-        "cyclic", description="Non-adaptive reference: rho <- rho * (1 - rate) every interval, back to 1 under floor."
+        "cyclic", description="Non-adaptive reference: rho <- rho * (1 - rate) every interval, back to keep_init under floor."
     )
     keep_init: float = Field(1.0, gt=0.0, le=1.0, description="Starting keep ratio (and the value after a reset).")
     rate: float = Field(0.05, gt=0.0, lt=1.0, description="Fractional compression per interval.")
