@@ -8,14 +8,18 @@ The training loop emits plain-dict records:
             "images_per_sec", "nonfinite_steps", "is_best", "best_val_accuracy",
             "eval": {"val": {"1.00": acc, ...}, "test": {...}},
             "calibration": {"0.10": {"threshold", "realized_keep", "iterations", "converged"}}}
-Regime keys are `regime_key(rho)` ("%.2f"). Sinks take `write(record)` and `close()`.
+Regime keys are `regime_key(rho)` ("%.2f"). Sinks take `write(record)` and `close()`: JsonLinesSink
+(metrics.jsonl, the run's history) and TensorBoardSink. The driver follows metrics.jsonl with
+JsonLinesTail and shows it as a ProgressLine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Protocol
+import sys
+import time
+from typing import Any, Callable, Protocol, TextIO
 
 
 def regime_key(keep_ratio: float) -> str:
@@ -68,3 +72,185 @@ def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
     if record.get("best_val_accuracy") is not None:
         flat["eval/val/best_accuracy"] = record["best_val_accuracy"]
     return flat
+
+
+def rewind_jsonl(path: str, last_epoch: int) -> None:
+    """Drop the records of epochs after `last_epoch`: a run resumed from that epoch's checkpoint redoes
+    them, and one clean history keeps metrics.jsonl, TensorBoard and summary.json in agreement."""
+    if not os.path.exists(path):
+        return
+    kept = [record for record in read_jsonl(path) if record["epoch"] <= last_epoch]
+    staging = f"{path}.rewind"
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
+class JsonLinesTail:
+    """The records appended to a metrics.jsonl since the previous `read_new()`: the driver's view of a run
+    whose workers may live on other nodes (the run directory is shared storage)."""
+
+    def __init__(self, path: str, from_end: bool = False):
+        self.path = path
+        self._offset, self._inode, self._partial = 0, None, b""
+        if from_end and os.path.exists(path):
+            stat = os.stat(path)
+            self._offset, self._inode = stat.st_size, stat.st_ino
+
+    def read_new(self) -> list[dict[str, Any]]:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return []
+        if stat.st_ino != self._inode:  # first sight, or replaced by `rewind_jsonl` after a restart
+            self._offset, self._inode, self._partial = 0, stat.st_ino, b""
+        with open(self.path, "rb") as handle:
+            handle.seek(self._offset)
+            chunk = handle.read()
+            self._offset = handle.tell()
+        *lines, self._partial = (self._partial + chunk).split(b"\n")  # the last piece may be half-written
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+# ------------------------------------------------------------------------------ TensorBoard
+# One chart with every regime's accuracy per split, beside the requested and realized keep ratio.
+REGIME_LAYOUT = {
+    "regimes": {
+        "validation accuracy at every keep ratio": ["Multiline", [r"eval/val/accuracy/keep_.*"]],
+        "test accuracy at every keep ratio": ["Multiline", [r"eval/test/accuracy/keep_.*"]],
+        "keep ratio: requested and realized": ["Multiline", [r"train/keep_ratio", r"train/realized_keep"]],
+    }
+}
+QUIET_EVENTS = ("hold", "warmup")  # controller decisions that change nothing and are not marked
+
+
+def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """TensorBoard tag -> value for one record, all placed at the record's global step.
+
+    Step records give `train/*`, `sparsity/density/<site>` and a `controller/<event>` marker (value: the
+    keep ratio the decision was taken at). Epoch records give `eval/{val,test}/accuracy/keep_<rho>`,
+    epoch means as `epoch/*` (so they do not mix into the per-step `train/*` curves) and
+    `controller/events/<event>` counts.
+    """
+    scalars: dict[str, Any] = {}
+    if record["kind"] == "step":
+        for key in ("loss", "accuracy", "keep_ratio", "threshold", "realized_keep", "lr"):
+            scalars[f"train/{key}"] = record.get(key)
+        for site, density in (record.get("density") or {}).items():
+            scalars[f"sparsity/density/{site}"] = density
+        if record.get("event") not in QUIET_EVENTS:
+            scalars[f"controller/{record['event']}"] = record["keep_ratio"]
+    else:
+        for key, value in flatten_epoch(record).items():
+            if key.startswith("train/"):
+                scalars["epoch/" + key.removeprefix("train/")] = value
+            elif key not in ("epoch", "step"):
+                scalars[key] = value
+        for event, count in record.get("events", {}).items():
+            scalars[f"controller/events/{event}"] = count
+        for key, calibration in record.get("calibration", {}).items():
+            scalars[f"eval/calibration/realized_keep/keep_{key}"] = calibration["realized_keep"]
+    # A threshold is None in layer scope; a skipped step has no loss.
+    return {tag: float(value) for tag, value in scalars.items() if value is not None}
+
+
+def flatten_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
+    """A nested config dict as dotted TensorBoard hparams (lists become their text, None becomes "none")."""
+    flat: dict[str, bool | int | float | str] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_hparams(value, f"{path}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[path] = value
+        else:
+            flat[path] = "none" if value is None else json.dumps(value)
+    return flat
+
+
+class TensorBoardSink:
+    """Rank 0's TensorBoard run (tags: `tensorboard_scalars`, layout: `REGIME_LAYOUT`).
+
+    `purge_step`: on resume, the first step that will be redone; TensorBoard hides events written at or
+    after it by the interrupted attempt.
+    """
+
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # rank 0 only: keeps other ranks' imports light
+
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+        self.writer.add_custom_scalars(REGIME_LAYOUT)
+
+    def write(self, record: dict[str, Any]) -> None:
+        for tag, value in tensorboard_scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
+
+    def write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+        # run_name="." keeps the hparams in this run instead of a new timestamped sub-run.
+        self.writer.add_hparams(flatten_hparams(hparams), metrics, run_name=".", global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# --------------------------------------------------------------------------------- progress
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None, images_per_sec: float | None) -> str:
+    """One line: epoch, step, current rho (and realized keep), images/s, ETA, then accuracies once known."""
+    parts = [f"epoch {record['epoch'] + 1}/{total_epochs}", f"step {record['step']}",
+             f"rho {record['keep_ratio']:.3f}"]
+    if record.get("realized_keep") is not None:
+        parts[-1] += f" (realized {record['realized_keep']:.3f})"
+    parts.append(f"{images_per_sec:,.0f} img/s" if images_per_sec else "-- img/s")
+    parts.append(f"ETA {format_duration(eta_s)}" if eta_s is not None else "ETA --")
+    if record["kind"] == "step" and record.get("accuracy") is not None:
+        parts.append(f"train acc {record['accuracy']:.3f}")
+    for split, accuracies in record.get("eval", {}).items():
+        parts.append(f"{split} " + " ".join(f"{key}:{accuracy:.3f}" for key, accuracy in accuracies.items()))
+    return "  ".join(parts)
+
+
+class ProgressLine:
+    """The driver's progress: one line per epoch, rewritten in place as step records arrive and ended with
+    the epoch's accuracies. Prints nothing when the stream is not a terminal (logs, `ray job` output)."""
+
+    def __init__(self, total_epochs: int, stream: TextIO | None = None, live: bool | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
+        self.total_epochs = total_epochs
+        self.clock = clock
+        self._start: float | None = None  # arrival of the first record of this session
+        self._epochs_seen = 0
+        self._epoch_start: float | None = None
+        self._images_per_sec: float | None = None
+
+    def eta(self, epochs_left: int, now: float) -> float | None:
+        if not self._epochs_seen:
+            return None
+        mean_epoch_s = (self._epoch_start - self._start) / self._epochs_seen
+        return max(0.0, epochs_left * mean_epoch_s - (now - self._epoch_start))
+
+    def update(self, record: dict[str, Any]) -> None:
+        now = self.clock()
+        if self._start is None:
+            self._start = self._epoch_start = now
+        if record["kind"] == "epoch":
+            self._epochs_seen += 1
+            self._epoch_start = now
+            self._images_per_sec = record["images_per_sec"]
+        epochs_left = self.total_epochs - record["epoch"] - (record["kind"] == "epoch")
+        if not self.live:
+            return
+        text = progress_text(record, self.total_epochs, self.eta(epochs_left, now), self._images_per_sec)
+        # \r + erase-line rewrites the current line; an epoch record ends it.
+        self.stream.write("\r\x1b[2K" + text + ("\n" if record["kind"] == "epoch" else ""))
+        self.stream.flush()
