@@ -1,0 +1,1 @@
+"""Benchmarks behind `sparsedist bench ...`: measurements, not tests."""

@@ -1,0 +1,148 @@
+"""Train-step cost of the activation constraint: dense vs both scopes vs plain reference implementations.
+
+Every variant trains its own copy of one seeded WRN on one random batch (forward, backward, SGD
+step, and for the two product scopes `finish_step`); the variants take turns step by step, so load
+from other processes hits them alike. Reported: median seconds per step and the ratio over dense.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from sparsedist.models.wrn import WideResNet, identity_site
+from sparsedist.sparsity import ActivationSparsity
+from sparsedist.sparsity.layer import kept_per_sample
+
+TARGET_RATIO = {"network": 1.10, "layer": 1.25}
+VARIANTS = ("dense", "layer", "network", "layer_reference", "network_reference")
+
+
+def reference_top_k_per_sample(x: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Brute force: torch.topk of each sample's flattened map, scattered into zeros."""
+    flat = x.reshape(len(x), -1)
+    values, indices = flat.topk(kept_per_sample(flat.shape[1], keep_ratio), dim=1)
+    return torch.zeros_like(flat).scatter(1, indices, values).view_as(x)
+
+
+def reference_network_threshold(site_values: list[torch.Tensor], keep_ratio: float) -> float:
+    """Brute force: the smallest of the top rho * N values of all sites, by one global torch.topk."""
+    values = torch.cat([v.detach().reshape(-1) for v in site_values])
+    return values.topk(max(1, int(keep_ratio * values.numel())), sorted=False).values.min().item()
+
+
+class _LambdaSite(nn.Module):
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.function = function
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x)
+
+
+class _ReferenceNetwork:
+    """One tau for all sites from a global topk over the previous step's site inputs (kept alive by autograd)."""
+
+    def __init__(self, keep_ratio: float):
+        self.keep_ratio = keep_ratio
+        self.threshold = 0.0
+        self.site_inputs: list[torch.Tensor] = []
+
+    def site(self, name: str) -> nn.Module:
+        return _LambdaSite(self.apply)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        self.site_inputs.append(x)
+        return torch.where(x >= self.threshold, x, 0.0)
+
+    def finish_step(self) -> None:
+        self.threshold = reference_network_threshold(self.site_inputs, self.keep_ratio)
+        self.site_inputs = []
+
+
+def _step_function(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   after_backward: Callable[[], object]) -> Callable[[], None]:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+        after_backward()
+
+    return step
+
+
+def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeats: int = 5, warmup: int = 2,
+                           depth: int = 28, widen_factor: int = 4, image_size: int = 32, seed: int = 0,
+                           json_out: str | None = None) -> dict:
+    """Median train-step seconds of every variant (CPU, fp32) and their ratios over dense.
+
+    Returns {"setup": {...}, "median_step_s": {variant: s}, "ratio_to_dense": {variant: r},
+    "targets": {scope: max ratio}, "meets_target": {scope: bool}, "realized_keep": {scope: fraction}}
+    with variants dense, layer, network, layer_reference, network_reference. The warm-up steps also
+    give network scope its first threshold (step 0 is dense by definition).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator)
+
+    def model(make_site: Callable[[str], nn.Module] = identity_site) -> nn.Module:
+        torch.manual_seed(seed)  # the same initial weights for every variant
+        return WideResNet(depth, widen_factor, make_site=make_site)
+
+    scopes = {scope: ActivationSparsity(scope, keep_ratio=keep_ratio) for scope in ("layer", "network")}
+    reference_network = _ReferenceNetwork(keep_ratio)
+    last_stats = {}
+
+    def finish(scope: str) -> Callable[[], None]:
+        return lambda: last_stats.__setitem__(scope, scopes[scope].finish_step())
+
+    steps = {
+        "dense": _step_function(model(), images, labels, lambda: None),
+        "layer": _step_function(model(scopes["layer"].new_site), images, labels, finish("layer")),
+        "network": _step_function(model(scopes["network"].new_site), images, labels, finish("network")),
+        "layer_reference": _step_function(
+            model(lambda name: _LambdaSite(lambda x: reference_top_k_per_sample(x, keep_ratio))), images, labels,
+            lambda: None),
+        "network_reference": _step_function(model(reference_network.site), images, labels,
+                                            reference_network.finish_step),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for repeat in range(warmup + repeats):
+        for name in VARIANTS:
+            start = time.perf_counter()
+            steps[name]()
+            if repeat >= warmup:
+                seconds[name].append(time.perf_counter() - start)
+
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    ratios = {name: medians[name] / medians["dense"] for name in VARIANTS}
+    result = {
+        "setup": {"batch_size": batch_size, "keep_ratio": keep_ratio, "depth": depth, "widen_factor": widen_factor,
+                  "image_size": image_size, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+                  "device": "cpu", "dtype": "float32"},
+        "median_step_s": medians,
+        "ratio_to_dense": ratios,
+        "targets": dict(TARGET_RATIO),
+        "meets_target": {scope: ratios[scope] <= limit for scope, limit in TARGET_RATIO.items()},
+        "realized_keep": {scope: stats.realized_keep for scope, stats in last_stats.items()},
+    }
+    print(format_table(result))
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'variant':<18} {'median step s':>14} {'x dense':>8}"]
+    for name in VARIANTS:
+        lines.append(f"{name:<18} {result['median_step_s'][name]:>14.4f} {result['ratio_to_dense'][name]:>8.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,287 @@
+"""The activation constraint a model calls at every site, and the per-step statistics the loop reads.
+
+One `ActivationSparsity` owns the keep ratio rho, the network-scope threshold tau and the statistics
+of the current training step. The model receives `new_site` as its site factory; every site module
+forwards to the owner, so changing rho or tau changes every site at once.
+
+Statistics are counted on the device during training forwards (`collecting`), and read off it only
+in `finish_step` and `calibrate`, after one integer all-reduce, so every replica sees the same
+numbers and derives the same tau.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparsedist.sparsity.layer import top_k_per_sample
+from sparsedist.sparsity.threshold import (
+    HISTOGRAM_BINS,
+    KEPT_BINS,
+    bit_histogram,
+    bits_to_float,
+    float_to_bits,
+    histogram_origin,
+    threshold_for_count,
+    zero_below,
+)
+
+Scope = Literal["layer", "network"]
+SCOPES = ("layer", "network")
+
+
+@dataclass(frozen=True)
+class StepStats:
+    realized_keep: float  # fraction of all site values of the global batch that were nonzero after the constraint
+    site_density: dict[str, float]  # the same fraction per site
+    threshold: float  # the tau this step ran with (network scope; always 0.0 in layer scope)
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    threshold: float  # the best tau found (0.0 when rho is above the fraction of positive values)
+    realized_keep: float  # realized keep ratio measured with it (NaN in layer scope: nothing measured)
+    iterations: int  # forward passes over the calibration batches
+    converged: bool  # |realized / rho - 1| <= tolerance
+
+
+@dataclass
+class _StepCounts:
+    """Integer counts of one step on the device: [histogram | kept per site], plus host-side totals."""
+
+    origin: int  # histogram origin (bit pattern of the tau in force)
+    counts: torch.Tensor
+    values_per_site: list[int]
+
+
+class SparsitySite(nn.Module):
+    """The module a model applies after a ReLU; it holds no state of its own."""
+
+    def __init__(self, owner: ActivationSparsity, index: int, name: str):
+        super().__init__()
+        self.owner = owner
+        self.index = index
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.owner.apply_site(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, scope={self.owner.scope}"
+
+
+def _check_keep_ratio(keep_ratio: float) -> float:
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+    return float(keep_ratio)
+
+
+class ActivationSparsity:
+    """Top-k activation sparsity in `layer` scope (per sample and site) or `network` scope (one tau).
+
+    Network scope: tau for step t is chosen from step t-1's all-reduced statistics (step 0 is dense);
+    `set_keep_ratio` re-chooses it from the same statistics for the controller's new rho.
+    """
+
+    def __init__(self, scope: Scope, keep_ratio: float = 1.0):
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+        self.scope = scope
+        self.collecting = True
+        self._keep_ratio = _check_keep_ratio(keep_ratio)
+        self._threshold = 0.0
+        self._site_names: list[str] = []
+        self._pending: _StepCounts | None = None
+        # The last reduced histogram (host), its origin and value count: lets set_keep_ratio re-choose tau.
+        self._last_histogram: tuple[torch.Tensor, int, int] | None = None
+        self._int32_workspace: torch.Tensor | None = None  # reused by every site's histogram arithmetic
+
+    # ------------------------------------------------------------------ model side
+    def new_site(self, name: str) -> nn.Module:
+        if self._pending is not None:
+            raise RuntimeError("sites must all be created before the first forward")
+        self._site_names.append(name)
+        return SparsitySite(self, len(self._site_names) - 1, name)
+
+    def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if self.scope == "layer":
+            y = top_k_per_sample(x, self._keep_ratio)
+            if self.collecting:
+                self._record(index, x, kept=torch.count_nonzero(y), histogram=None)
+            return y
+        if self.collecting:
+            histogram = bit_histogram(x, histogram_origin(self._threshold), self._workspace(x))
+            self._record(index, x, kept=histogram[:KEPT_BINS].sum(), histogram=histogram)
+        return zero_below(x, self._threshold)
+
+    def _workspace(self, x: torch.Tensor) -> torch.Tensor:
+        workspace = self._int32_workspace
+        if workspace is None or workspace.device != x.device or workspace.numel() < x.numel():
+            workspace = self._int32_workspace = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
+        return workspace
+
+    def _record(self, index: int, x: torch.Tensor, kept: torch.Tensor, histogram: torch.Tensor | None) -> None:
+        origin = histogram_origin(self._threshold)
+        if self._pending is None:
+            size = self._histogram_bins + len(self._site_names)
+            self._pending = _StepCounts(origin, torch.zeros(size, dtype=torch.int64, device=x.device),
+                                        [0] * len(self._site_names))
+        elif self._pending.origin != origin:
+            raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
+        step = self._pending
+        if histogram is not None:
+            step.counts[:HISTOGRAM_BINS] += histogram
+        step.counts[self._histogram_bins + index] += kept
+        step.values_per_site[index] += x.numel()
+
+    # ------------------------------------------------------------------ loop side
+    @property
+    def keep_ratio(self) -> float:
+        return self._keep_ratio
+
+    @property
+    def threshold(self) -> float:
+        """The tau in force (network scope); 0.0 means dense, and always in layer scope."""
+        return self._threshold
+
+    @property
+    def site_names(self) -> list[str]:
+        return list(self._site_names)
+
+    @property
+    def _histogram_bins(self) -> int:
+        return HISTOGRAM_BINS if self.scope == "network" else 0
+
+    @property
+    def statistics_nbytes(self) -> int:
+        """Bytes each replica all-reduces per step: int64 histogram, kept and value counts per site."""
+        return (self._histogram_bins + 2 * len(self._site_names)) * 8
+
+    def set_keep_ratio(self, keep_ratio: float) -> None:
+        self._keep_ratio = _check_keep_ratio(keep_ratio)
+        if self.scope == "network":
+            self._threshold = self._next_threshold()
+
+    def _next_threshold(self) -> float:
+        if self._keep_ratio >= 1.0:
+            return 0.0
+        if self._last_histogram is None:  # no statistics yet (first step, or just resumed): keep tau
+            return self._threshold
+        histogram, origin, values = self._last_histogram
+        return threshold_for_count(histogram, origin, self._keep_ratio * values)
+
+    def finish_step(self, process_group: dist.ProcessGroup | None = None) -> StepStats:
+        """All-reduce this step's statistics, return them, and (network scope) choose the next tau."""
+        threshold_used = self._threshold
+        histogram, origin, kept, values = self._reduce_pending(process_group)
+        if self.scope == "network":
+            self._last_histogram = (histogram, origin, sum(values))
+            self._threshold = self._next_threshold()
+        return StepStats(
+            realized_keep=sum(kept) / sum(values),
+            site_density={name: k / v for name, k, v in zip(self._site_names, kept, values)},
+            threshold=threshold_used,
+        )
+
+    def discard_step(self) -> None:
+        """Drop this step's statistics (a skipped step); tau and rho stay as they are."""
+        self._pending = None
+
+    def _reduce_pending(self, process_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, list[int], list[int]]:
+        """One all-reduce of [histogram | kept per site | values per site]; clears the pending step."""
+        step = self._pending
+        if step is None:
+            raise RuntimeError("no statistics: run a forward with collecting=True since the last finish_step()")
+        self._pending = None
+        values = torch.tensor(step.values_per_site, dtype=torch.int64, device=step.counts.device)
+        buffer = torch.cat([step.counts, values])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(buffer, group=process_group)
+        buffer = buffer.cpu()
+        sites = len(self._site_names)
+        histogram, kept, values = buffer.split([self._histogram_bins, sites, sites])
+        return histogram, step.origin, kept.tolist(), values.tolist()
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def regime(self, keep_ratio: float, threshold: float | None = None) -> Iterator[None]:
+        """Run at another rho (layer scope) or a fixed tau (network scope); restores rho and tau after."""
+        keep_ratio = _check_keep_ratio(keep_ratio)
+        if self.scope == "network":
+            if threshold is None:
+                if keep_ratio < 1.0:
+                    raise ValueError("network scope below rho = 1 needs a threshold: calibrate() one for this rho")
+                threshold = 0.0
+            threshold = bits_to_float(float_to_bits(threshold))  # tau is always a float32 value
+        elif threshold is not None:
+            raise ValueError("layer scope has no threshold")
+        saved = self._keep_ratio, self._threshold
+        self._keep_ratio, self._threshold = keep_ratio, threshold or 0.0
+        try:
+            yield
+        finally:
+            self._keep_ratio, self._threshold = saved
+
+    def calibrate(self, run_forward: Callable[[], None], keep_ratio: float, tolerance: float = 0.01,
+                  max_iters: int = 8, process_group: dist.ProcessGroup | None = None) -> CalibrationResult:
+        """Find the network-scope tau that realizes `keep_ratio` on the batches `run_forward` runs.
+
+        Each pass measures the realized keep ratio at the current tau and proposes the next tau from
+        that pass's own histogram (a fixed-point iteration: later sites see the earlier sites'
+        masks). Proposals are kept inside the bracket of taus known to keep too much / too little,
+        bisecting in bit space otherwise. Returns the best tau measured. Layer scope: nothing to do.
+        """
+        keep_ratio = _check_keep_ratio(keep_ratio)
+        if self.scope == "layer":
+            return CalibrationResult(threshold=0.0, realized_keep=math.nan, iterations=0, converged=True)
+        if self._pending is not None:
+            raise RuntimeError("calibrate() with step statistics pending: call finish_step() or discard_step() first")
+        saved = self._keep_ratio, self._threshold, self.collecting
+        self._keep_ratio, self.collecting = keep_ratio, True
+        keeps_too_much, keeps_too_little = 0, float_to_bits(math.inf) + 1  # tau bit patterns bracketing the answer
+        tau_bits, best = 0, None
+        try:
+            for iteration in range(1, max_iters + 1):
+                self._threshold = bits_to_float(tau_bits)
+                run_forward()
+                histogram, origin, kept, values = self._reduce_pending(process_group)
+                realized = sum(kept) / sum(values)
+                error = abs(realized / keep_ratio - 1.0)
+                if best is None or error < best[0]:
+                    best = (error, self._threshold, realized)
+                if error <= tolerance:
+                    break
+                if realized > keep_ratio:
+                    keeps_too_much = max(keeps_too_much, tau_bits)
+                else:
+                    keeps_too_little = min(keeps_too_little, tau_bits)
+                proposal = float_to_bits(threshold_for_count(histogram, origin, keep_ratio * sum(values)))
+                if not keeps_too_much < proposal < keeps_too_little:
+                    proposal = (keeps_too_much + keeps_too_little) // 2
+                if proposal == tau_bits:  # no tau can do better (e.g. rho above the positive fraction)
+                    break
+                tau_bits = proposal
+        finally:
+            self._pending = None
+            self._keep_ratio, self._threshold, self.collecting = saved
+        error, threshold, realized = best
+        return CalibrationResult(threshold=threshold, realized_keep=realized, iterations=iteration,
+                                 converged=error <= tolerance)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, float | str]:
+        """Plain data (loads with torch.load(weights_only=True)); taken between steps."""
+        return {"scope": self.scope, "keep_ratio": self._keep_ratio, "threshold": self._threshold}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        if state["scope"] != self.scope:
+            raise ValueError(f"checkpoint has scope {state['scope']!r}, this run uses {self.scope!r}")
+        self._keep_ratio = _check_keep_ratio(state["keep_ratio"])
+        self._threshold = float(state["threshold"])
+        self._last_histogram = None
