@@ -59,6 +59,14 @@ def test_resume_continues_the_identical_trajectory(tmp_path):
     assert any(t["event"] == "tighten" for t in straight.trajectory) and straight.sparsity.threshold > 0
 
 
+class ListSink(list):
+    def write(self, record):
+        self.append(record)
+
+    def close(self):
+        pass
+
+
 class PoisonedLoader:
     """Wraps a train loader, making the images of chosen global steps NaN."""
 
@@ -83,9 +91,12 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(tmp_path
     cfg = tiny_config("train.epochs=3", "train.batch_size=32", "train.max_nonfinite_steps=3")
     loaders = loaders_for(cfg)
     loaders.train = PoisonedLoader(loaders.train, poisoned_steps={2, 4})  # isolated bad steps: skipped
-    result = train(cfg, loaders, device=CPU)
+    records = ListSink()
+    result = train(cfg, loaders, device=CPU, sinks=[records])
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert result.final_record["nonfinite_steps"] == 0 and len(result.trajectory) == 3 * 8 - 2
+    assert [r["nonfinite_steps"] for r in records if r["kind"] == "epoch"] == [2, 0, 0]
+    assert [r["step"] for r in records if r.get("event") == "nonfinite"] == [2, 3]  # optimizer steps so far
+    assert len(result.trajectory) == 3 * 8 - 2
 
     checkpoints = tmp_path / "ckpt"
     loaders = loaders_for(cfg)
@@ -116,6 +127,8 @@ def test_two_replicas_match_one_process_and_share_every_decision(scope):
     single_params, single_trajectory, single_eval = _train_on_rank(0, 1, overrides)
     assert trajectory0 == trajectory1 and eval0 == eval1
     assert [t["keep_ratio"] for t in trajectory0] == [t["keep_ratio"] for t in single_trajectory]
+    # 16 SGD steps amplify the float reassociation of the gradient all-reduce; the tight (rtol 1e-5)
+    # 3-step DDP equivalence lives in the sparsity tests. Here: same decisions, parameters close.
     for name, value in single_params.items():
-        torch.testing.assert_close(params0[name], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(params0[name], value, rtol=1e-3, atol=1e-3)
         assert torch.equal(params0[name], params1[name])

@@ -192,12 +192,14 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             optimizer.zero_grad(set_to_none=True)
             # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
             # step is then dropped on every rank alike (the decision uses all-reduced numbers).
+            # A finite loss can still give non-finite gradients, so both are checked.
             loss.backward()
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
             batch = torch.stack([
                 loss.detach().double() * labels.numel(),
                 (logits.detach().argmax(dim=1) == labels).sum().double(),
                 torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-                (~torch.isfinite(loss.detach())).double(),
+                (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).double(),
             ])
             loss_sum, correct, count, nonfinite = all_reduce_sum(batch).tolist()
             if nonfinite:
