@@ -1,0 +1,96 @@
+"""`sparsedist eval`: the per-regime accuracy table of any checkpoint, on its own run's data splits.
+
+The model is rebuilt exactly as the training loop builds it, from the config stored in the checkpoint,
+and evaluated with the loop's own `evaluate_regimes` (network scope: tau calibrated per regime on
+training batches), on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from sparsedist.config import Config, apply_overrides, validate
+from sparsedist.launch.rundir import BEST_DIR
+from sparsedist.logging import regime_key
+from sparsedist.models import build_model
+from sparsedist.sparsity import ActivationSparsity
+from sparsedist.train.checkpoint import MARKER_FILE, CheckpointError, latest_checkpoint, load_checkpoint
+from sparsedist.train.loop import evaluate_regimes
+
+
+@dataclass
+class CheckpointEvaluation:
+    checkpoint: str
+    epoch: int  # 0-based epoch the checkpoint was taken after
+    config: Config  # the checkpoint's config with the evaluated keep ratios
+    accuracy: dict[str, dict[str, float]]  # {"val"|"test": {regime key: accuracy}}
+    calibration: dict[str, dict[str, Any]]  # network scope: {regime key: threshold, realized_keep, ...}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "epoch": self.epoch, "scope": self.config.sparsity.scope,
+                "accuracy": self.accuracy, "calibration": self.calibration}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one."""
+    path = os.path.abspath(path)
+    if os.path.isfile(os.path.join(path, MARKER_FILE)):
+        return path
+    best = os.path.join(path, BEST_DIR)
+    if os.path.isfile(os.path.join(best, MARKER_FILE)):
+        return best
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path} is neither a checkpoint nor a run directory holding one")
+    return latest
+
+
+def evaluate_checkpoint(path: str, *, device: torch.device, keep_ratios: Sequence[float] | None = None,
+                        overrides: Sequence[str] = ()) -> CheckpointEvaluation:
+    """Per-regime validation and test accuracy of a checkpoint (or a run directory's best checkpoint).
+
+    `keep_ratios` replaces the run's eval grid; `overrides` (dotted key=value) adjust the stored config,
+    e.g. data.root when the data lives elsewhere than where the run trained.
+    """
+    from sparsedist.data import build_loaders  # FFCV: imported only when evaluating
+
+    checkpoint = resolve_checkpoint(path)
+    state = load_checkpoint(checkpoint, map_location=device)
+    data = apply_overrides(Config.model_validate_json(state["config"]).to_dict(), list(overrides))
+    if keep_ratios is not None:
+        # The selection ratio must be on the grid; it selects nothing here.
+        data = apply_overrides(data, {"eval.keep_ratios": list(keep_ratios), "eval.select_keep_ratio": keep_ratios[0]})
+    cfg = validate(data)
+
+    loaders = build_loaders(cfg, rank=0, world_size=1, device=device, epoch=state["epoch"] + 1)
+    sparsity = ActivationSparsity(cfg.sparsity.scope)
+    model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, sparsity.new_site).to(device)
+    model.load_state_dict(state["model"])
+    sparsity.load_state_dict(state["sparsity"])
+    accuracy, calibration = evaluate_regimes(model, sparsity, loaders, cfg, device)
+    return CheckpointEvaluation(checkpoint, state["epoch"], cfg, accuracy, calibration)
+
+
+def regime_text(evaluation: CheckpointEvaluation) -> str:
+    """The per-regime table as aligned text, one row per keep ratio."""
+    splits = list(evaluation.accuracy)
+    network = evaluation.config.sparsity.scope == "network"
+    header = ["keep", *splits] + (["realized keep", "tau"] if network else [])
+    rows = []
+    for ratio in evaluation.config.eval.keep_ratios:
+        key = regime_key(ratio)
+        row = [key, *(f"{evaluation.accuracy[split][key]:.4f}" for split in splits)]
+        if network:
+            calibrated = evaluation.calibration.get(key)
+            row += [f"{calibrated['realized_keep']:.4f}", f"{calibrated['threshold']:.4g}"] if calibrated else ["1.0000", "0"]
+        rows.append(row)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    title = (f"{evaluation.checkpoint} (epoch {evaluation.epoch + 1}, {evaluation.config.sparsity.scope} scope, "
+             f"{evaluation.config.data.dataset})")
+    return "\n".join([title, *lines])

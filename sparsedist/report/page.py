@@ -1,0 +1,95 @@
+"""`sparsedist report`: figures and a markdown page for run directories and sweep directories.
+
+A run directory is one curve. A sweep directory contributes one curve per group (its completed trials,
+across seeds) and, for the per-run figures, each group's first completed trial.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from sparsedist.report.figures import MAX_PANELS, Series, plot_accuracy_vs_keep, plot_keep_trajectories, plot_train_vs_val
+from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
+from sparsedist.report.stats import group_stats
+from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, group_trials, read_trials
+
+REPORT_MD = "report.md"
+FIGURES = {
+    "accuracy_vs_keep.png": "Accuracy vs keep ratio",
+    "keep_trajectory.png": "Keep-ratio trajectory over training",
+    "train_vs_val.png": "Train vs validation accuracy",
+}
+
+
+class ReportError(ValueError):
+    """An input is neither a run directory nor a sweep directory, or holds no results yet."""
+
+
+def collect(paths: Sequence[str]) -> tuple[list[Series], list[tuple[str, RunRecords]], list[str]]:
+    """Curves, the (title, run) pairs of the per-run figures, and the sweep summaries to link."""
+    series, shown, summaries = [], [], []
+    for path in map(os.path.abspath, paths):
+        if os.path.isfile(os.path.join(path, SWEEP_FILE)):
+            name = os.path.basename(path)
+            for group in group_trials(read_trials(path)):
+                runs = [t.run for t in group.completed]
+                if runs:
+                    label = f"{name}: {group.label}" if len(paths) > 1 else group.label
+                    series.append(Series(label, runs))
+                    shown.append((f"{label} ({runs[0].name})", runs[0]))
+            if os.path.isfile(os.path.join(path, SUMMARY_MD)):
+                summaries.append(os.path.join(path, SUMMARY_MD))
+        elif is_run_dir(path):
+            run = read_run(path)
+            if run.summary is not None:
+                series.append(Series(run.name, [run]))
+                shown.append((run.name, run))
+        else:
+            raise ReportError(f"{path} is neither a run directory (config.yaml) nor a sweep directory ({SWEEP_FILE})")
+    if not series:
+        raise ReportError("no completed, evaluated run among the inputs: nothing to report")
+    return series, shown, summaries
+
+
+def _accuracy_table(series: list[Series]) -> list[str]:
+    keys = sorted({k for s in series for run in s.runs for k in selected_test(run)}, key=float, reverse=True)
+    lines = ["| run / group | n | " + " | ".join(f"keep {k}" for k in keys) + " |",
+             "|---|---:|" + "---:|" * len(keys)]
+    for curve in series:
+        cells = []
+        for key in keys:
+            values = [selected_test(run)[key] for run in curve.runs if key in selected_test(run)]
+            if not values:
+                cells.append("–")
+                continue
+            stats = group_stats(values)
+            cells.append(f"{stats.mean:.4f}" + (f" ± {stats.ci_high - stats.mean:.4f}" if stats.n >= 2 else ""))
+        lines.append(f"| {curve.label} | {len(curve.runs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(paths: Sequence[str], out_dir: str) -> str:
+    """Write the three figures and report.md into out_dir; returns the markdown file's path."""
+    series, shown, summaries = collect(paths)
+    os.makedirs(out_dir, exist_ok=True)
+    plot_accuracy_vs_keep(series, os.path.join(out_dir, "accuracy_vs_keep.png"))
+    plot_keep_trajectories(shown, os.path.join(out_dir, "keep_trajectory.png"))
+    plot_train_vs_val(shown, os.path.join(out_dir, "train_vs_val.png"))
+    lines = [
+        "# sparsedist report", "",
+        "Inputs: " + ", ".join(f"`{os.path.abspath(p)}`" for p in paths), "",
+        "## Test accuracy of the selected checkpoint per keep ratio", "",
+        "Each run's checkpoint with the best validation accuracy at eval.select_keep_ratio; for groups the mean "
+        "over seeds ± the half width of the 95% Student-t interval.", "",
+        *_accuracy_table(series), "",
+    ]
+    if len(shown) > MAX_PANELS:
+        lines += [f"Per-run figures show the first {MAX_PANELS} of {len(shown)} runs.", ""]
+    lines += [f"Sweep statistics (Welch's t-test against dense): [{s}]({os.path.relpath(s, out_dir)})" for s in summaries]
+    for file_name, title in FIGURES.items():
+        lines += ["", f"## {title}", "", f"![{title}]({file_name})"]
+    path = os.path.join(out_dir, REPORT_MD)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path
