@@ -92,12 +92,9 @@ class JsonLinesTail:
     """The records appended to a metrics.jsonl since the previous `read_new()`: the driver's view of a run
     whose workers may live on other nodes (the run directory is shared storage)."""
 
-    def __init__(self, path: str, from_end: bool = False):
+    def __init__(self, path: str):
         self.path = path
         self._offset, self._inode, self._partial = 0, None, b""
-        if from_end and os.path.exists(path):
-            stat = os.stat(path)
-            self._offset, self._inode = stat.st_size, stat.st_ino
 
     def read_new(self) -> list[dict[str, Any]]:
         try:
@@ -218,16 +215,25 @@ def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None
     return "  ".join(parts)
 
 
+def record_key(record: dict[str, Any]) -> tuple:
+    return record["kind"], record["epoch"], record["step"], record.get("skipped", False)
+
+
 class ProgressLine:
     """The driver's progress: one line per epoch, rewritten in place as step records arrive and ended with
-    the epoch's accuracies. Prints nothing when the stream is not a terminal (logs, `ray job` output)."""
+    the epoch's accuracies. Prints nothing when the stream is not a terminal (logs, `ray job` output).
+
+    Records already shown, or given as `history` (a resumed run's metrics.jsonl), are skipped: after a
+    restart rank 0 rewrites metrics.jsonl and the tail reads the kept history again.
+    """
 
     def __init__(self, total_epochs: int, stream: TextIO | None = None, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, history: list[dict[str, Any]] = ()):
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self.total_epochs = total_epochs
         self.clock = clock
+        self._seen = {record_key(record) for record in history}
         self._start: float | None = None  # arrival of the first record of this session
         self._epochs_seen = 0
         self._epoch_start: float | None = None
@@ -240,6 +246,9 @@ class ProgressLine:
         return max(0.0, epochs_left * mean_epoch_s - (now - self._epoch_start))
 
     def update(self, record: dict[str, Any]) -> None:
+        if record_key(record) in self._seen:
+            return
+        self._seen.add(record_key(record))
         now = self.clock()
         if self._start is None:
             self._start = self._epoch_start = now

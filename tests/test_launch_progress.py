@@ -95,11 +95,13 @@ def test_tail_returns_only_whole_new_records_and_follows_a_rewind(tmp_path):
     assert [(r["step"], r["keep_ratio"]) for r in tail.read_new()] == [(1, 0.5), (2, 0.5), (3, 0.9)]
 
 
-def test_tail_from_end_skips_the_history_of_a_resumed_run(tmp_path):
-    path = str(tmp_path / "metrics.jsonl")
-    sink = JsonLinesSink(path)
-    sink.write(epoch_end(0, 2))
-    tail = JsonLinesTail(path, from_end=True)
-    sink.write(step(1, 3))
-    sink.close()
-    assert [r["step"] for r in tail.read_new()] == [3]
+def test_records_already_shown_or_in_the_history_are_not_shown_again():
+    master, slave = pty.openpty()
+    with os.fdopen(slave, "w") as terminal:
+        # A resumed run: epoch 0 is history; after a restart the tail reads epochs 0-1 again.
+        progress = ProgressLine(total_epochs=3, stream=terminal, history=[step(0, 1), epoch_end(0, 2)])
+        for record in [step(0, 1), epoch_end(0, 2), step(1, 3), epoch_end(1, 4), step(0, 1), epoch_end(0, 2),
+                       step(1, 3), epoch_end(1, 4), step(2, 5)]:
+            progress.update(record)
+    lines = read_until_closed(master).replace("\r\n", "\n").split("\n")
+    assert [line.rsplit("\r\x1b[2K", 1)[1].split("  ")[0] for line in lines] == ["epoch 2/3", "epoch 3/3"]

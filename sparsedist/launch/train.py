@@ -1,0 +1,183 @@
+"""The training driver: a Ray Train `TorchTrainer` over `train_worker`, on an embedded local cluster or
+the cluster RAY_ADDRESS names, with the run directory checked, followed and summarized.
+
+    python -m sparsedist.launch.train --config smoke --run-dir runs/smoke [--set k=v ...] [--resume|--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
+from sparsedist.data import DataUnavailableError, prepare
+from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
+from sparsedist.launch.rundir import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
+                                      prepare_run_dir)
+from sparsedist.launch.summary import regime_table, summarize
+from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
+
+PROGRESS_POLL_S = 0.5
+
+
+class LaunchError(RuntimeError):
+    """Training failed (after the restarts run.max_failures allows); the message holds the workers' errors."""
+
+
+def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = (), quiet: bool = False):
+    """A TorchTrainer for `cfg`, whose run.run_dir must be absolute (see `rundir.with_run_dir`).
+
+    Ray's storage path is the run directory's parent and its name the directory's name: a relaunch
+    with the same run_dir resumes from the checkpoints Ray registered there. `callbacks` are Ray Train
+    UserCallbacks (Tune's per-trial driver passes its report callback).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from sparsedist.launch.worker import train_worker
+
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
+    run_dir = cfg.run.run_dir
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=cfg.to_dict(),
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=os.path.basename(run_dir),
+            storage_path=os.path.dirname(run_dir),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=list(callbacks),
+            # Under a live progress line Ray Train's per-report INFO lines would scroll it away.
+            logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+        ),
+    )
+
+
+@contextmanager
+def following(metrics_path: str, progress: ProgressLine) -> Iterator[None]:
+    """Feed the records rank 0 appends to metrics.jsonl to the progress line while the body runs."""
+    if not progress.live:
+        yield
+        return
+    tail = JsonLinesTail(metrics_path)
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.wait(PROGRESS_POLL_S):
+            for record in tail.read_new():
+                progress.update(record)
+        for record in tail.read_new():
+            progress.update(record)
+
+    thread = threading.Thread(target=pump, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+    staging = f"{path}.tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(staging, path)
+
+
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, stream=None,
+                 resource_wait_s: float = RESOURCE_WAIT_S) -> dict[str, Any]:
+    """Train `cfg` through Ray Train and return the summary (also written to <run_dir>/summary.json).
+
+    Raises RunDirError (run directory refused), ClusterError (cluster unreachable or too small),
+    DataUnavailableError, or LaunchError (training failed).
+    """
+    started = time.monotonic()
+    cfg = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+    run_dir = cfg.run.run_dir
+    metrics_path = os.path.join(run_dir, METRICS_FILE)
+    # Once, here, before any worker starts: data problems fail fast and the workers find the files ready.
+    prepare(cfg.data)
+    history = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
+    progress = ProgressLine(cfg.train.epochs, stream, history=history)
+    with ray_session(cfg.scaling, resource_wait_s=resource_wait_s, log_to_driver=not progress.live):
+        from ray.train import TrainingFailedError  # only now: ray_session sets Ray's environment first
+
+        trainer = make_trainer(cfg, quiet=progress.live)
+        with following(metrics_path, progress):
+            try:
+                trainer.fit()
+            except TrainingFailedError as error:
+                raise LaunchError(f"training failed (run.max_failures={cfg.run.max_failures}); the run "
+                                  f"directory {run_dir} can be resumed with --resume.\n{error}") from None
+    summary = summarize(read_jsonl(metrics_path), select_keep_ratio=cfg.eval.select_keep_ratio)
+    summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started)
+    write_json_atomic(os.path.join(run_dir, SUMMARY_FILE), summary)
+    return summary
+
+
+def result_text(summary: dict[str, Any]) -> str:
+    run_dir = summary["run_dir"]
+    return "\n".join([
+        regime_table(summary),
+        "",
+        f"run directory: {run_dir}  ({summary['epochs_completed']} epochs, {summary['wall_time_s']:.0f}s, "
+        f"{summary['images_per_sec']:,.0f} images/s)",
+        f"TensorBoard:   tensorboard --logdir {os.path.join(run_dir, TENSORBOARD_DIR)} --host 127.0.0.1",
+    ])
+
+
+# ------------------------------------------------------------------------------------ command
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `train` flags, shared by `sparsedist train` and `python -m sparsedist.launch.train`."""
+    parser.add_argument("--config", help="YAML file or preset name (default: the built-in defaults; with "
+                        "--resume and --run-dir: the run's own config.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field by dotted path (repeatable)")
+    parser.add_argument("--run-dir", help="run directory (default: run.run_dir, else ./runs/<run.name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run in the run directory first")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    source = args.config
+    if source is None and args.resume and args.run_dir:
+        source = os.path.join(os.path.abspath(args.run_dir), CONFIG_FILE)
+    data = apply_overrides(load_source(source) if source else {}, args.set)
+    if args.run_dir:
+        data = apply_overrides(data, {"run.run_dir": args.run_dir})
+    return validate(data)
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    """Run `train` for parsed arguments; print the result or a one-paragraph error. Returns the exit code."""
+    try:
+        summary = run_training(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    except (ConfigError, RunDirError, ClusterError, DataUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except LaunchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(result_text(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsedist.launch.train", description=__doc__.splitlines()[0])
+    add_train_arguments(parser)
+    return train_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
