@@ -95,6 +95,14 @@ def test_layer_top_k_equals_topk_scatter_reference_in_values_and_gradients(shape
     assert torch.equal(torch.count_nonzero(ours.reshape(len(x), -1), dim=1), torch.full((len(x),), k))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_layer_top_k_selects_like_the_reference_in_every_float_type(dtype):
+    # Distinct small integers (exact in every type), half of them negative, so no ties.
+    x = (torch.randperm(3 * 200, generator=torch.Generator().manual_seed(5)) - 300).reshape(3, 2, 10, 10).to(dtype)
+    for keep_ratio in (0.05, 0.3, 0.7):
+        assert torch.equal(top_k_per_sample(x, keep_ratio), reference_top_k_per_sample(x, keep_ratio))
+
+
 def test_layer_top_k_keeps_every_value_tied_with_the_kth():
     # Post-ReLU maps with fewer positives than k: the k-th largest is 0, so every zero "is kept";
     # the values equal the brute-force selection, which picks k of the tied zeros arbitrarily.
@@ -175,6 +183,25 @@ def test_negative_zero_counts_as_zero_and_non_finite_values_do_not_break_the_his
         assert counts.sum() == x.numel()
     kept_at_tau_zero = bit_histogram(torch.tensor([-0.0, 0.0, 2.0]), histogram_origin(0.0))[: 1 << 15].sum()
     assert kept_at_tau_zero == 1
+
+
+@pytest.mark.parametrize("scope", ["layer", "network"])
+def test_channels_last_models_get_the_same_outputs_and_statistics(scope):
+    # The trainer uses channels_last on CUDA; the same code path runs here on CPU.
+    results = []
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        sparsity = ActivationSparsity(scope, keep_ratio=1.0)
+        model = tiny_model(sparsity).to(memory_format=memory_format)
+        outputs = []
+        for step in range(2):
+            outputs.append(model(images(4, seed=step).to(memory_format=memory_format)))
+            stats = sparsity.finish_step()
+            sparsity.set_keep_ratio(0.2)
+        results.append((torch.cat(outputs).detach(), stats, sparsity.threshold))
+    (contiguous, contiguous_stats, contiguous_tau), (channels_last, channels_last_stats, channels_last_tau) = results
+    torch.testing.assert_close(channels_last, contiguous)
+    assert channels_last_stats.realized_keep == pytest.approx(contiguous_stats.realized_keep, rel=1e-3)
+    assert channels_last_tau == pytest.approx(contiguous_tau, rel=1e-3)
 
 
 # ------------------------------------------------------------------------ statistics

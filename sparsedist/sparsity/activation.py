@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsedist.sparsity.layer import top_k_per_sample
+from sparsedist.sparsity.layer import key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import (
     HISTOGRAM_BINS,
     KEPT_BINS,
@@ -100,7 +100,9 @@ class ActivationSparsity:
         self._pending: _StepCounts | None = None
         # The last reduced histogram (host), its origin and value count: lets set_keep_ratio re-choose tau.
         self._last_histogram: tuple[torch.Tensor, int, int] | None = None
-        self._int32_workspace: torch.Tensor | None = None  # reused by every site's histogram arithmetic
+        # Scratch for the integer arithmetic of every site: on CPU a fresh large allocation page-faults
+        # on first touch and costs more than the arithmetic itself.
+        self._workspace_bytes: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ model side
     def new_site(self, name: str) -> nn.Module:
@@ -111,20 +113,22 @@ class ActivationSparsity:
 
     def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
         if self.scope == "layer":
-            y = top_k_per_sample(x, self._keep_ratio)
+            y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
             if self.collecting:
                 self._record(index, x, kept=torch.count_nonzero(y), histogram=None)
             return y
         if self.collecting:
-            histogram = bit_histogram(x, histogram_origin(self._threshold), self._workspace(x))
+            histogram = bit_histogram(x, histogram_origin(self._threshold), self._workspace(x.numel(), torch.int32, x.device))
             self._record(index, x, kept=histogram[:KEPT_BINS].sum(), histogram=histogram)
         return zero_below(x, self._threshold)
 
-    def _workspace(self, x: torch.Tensor) -> torch.Tensor:
-        workspace = self._int32_workspace
-        if workspace is None or workspace.device != x.device or workspace.numel() < x.numel():
-            workspace = self._int32_workspace = torch.empty(x.numel(), dtype=torch.int32, device=x.device)
-        return workspace
+    def _workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """`numel` scratch elements of `dtype`, reused across sites and steps (grown when too small)."""
+        nbytes = numel * dtype.itemsize
+        workspace = self._workspace_bytes
+        if workspace is None or workspace.device != device or workspace.numel() < nbytes:
+            workspace = self._workspace_bytes = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return workspace[:nbytes].view(dtype)
 
     def _record(self, index: int, x: torch.Tensor, kept: torch.Tensor, histogram: torch.Tensor | None) -> None:
         origin = histogram_origin(self._threshold)

@@ -47,8 +47,8 @@ def bit_histogram(x: torch.Tensor, origin: int, workspace: torch.Tensor | None =
 
     x must be non-negative (a ReLU output); bf16/fp16 values are widened exactly to float32 first.
     The bin arithmetic runs in place in `workspace` (int32, at least x.numel() elements, on x.device)
-    when given: a fresh large CPU allocation page-faults on first touch and costs more than the
-    arithmetic. index_add_ (unlike bincount on CUDA) needs no device sync to size its output.
+    when given, instead of a fresh allocation. index_add_ (unlike bincount on CUDA) needs no device
+    sync to size its output.
     """
     x = x.detach()
     bits = (x if x.dtype == torch.float32 else x.float()).view(torch.int32)
