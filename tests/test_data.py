@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10
 
-from sparsedist.config import ConfigError, load_config
+from sparsedist.config import DATASETS, ConfigError, load_config
 from sparsedist.data import DataUnavailableError, build_loaders, get_spec, prepare
 from sparsedist.data.loaders import RandomCropFlip
 from sparsedist.data.prepare import find_problem, identity, prepared_dir, split_train_val
@@ -263,6 +263,21 @@ def test_two_ranks_prepare_once_and_together_see_every_training_index_once_per_e
     assert unseen[0] != unseen[1]
 
 
+@LOADER_TIMEOUT
+def test_augmented_training_epochs_replay_exactly(tmp_path):
+    plain = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2"), log=QUIET)
+    augmented = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2", "data.augment=true"), log=QUIET)
+    replays = []
+    for _ in range(2):
+        augmented.train.set_epoch(3)
+        replays.append([images for images, _ in augmented.train])
+    plain.train.set_epoch(3)
+    originals = [images for images, _ in plain.train]
+    assert all(torch.equal(a, b) for a, b in zip(*replays))
+    assert not any(torch.equal(a, b) for a, b in zip(replays[0], originals))
+    assert replays[0][0].shape == originals[0].shape and replays[0][0].is_contiguous()
+
+
 def test_augmentation_is_a_seeded_crop_and_flip_of_each_image():
     images = torch.randn(6, 3, 8, 8)
     augment = RandomCropFlip(seed=1, rank=0)
@@ -354,6 +369,13 @@ def test_a_source_path_that_does_not_exist_is_reported(tmp_path):
         prepare(cfg.data, QUIET)
 
 
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_configured_dataset_has_a_spec_matching_its_shape(dataset):
+    spec = get_spec(load_config(None, [f"data.dataset={dataset}"]).data)
+    assert spec.name == dataset and len(spec.mean) == len(spec.std) == spec.channels
+    assert all(0 < m < 255 and 0 < s < 255 for m, s in zip(spec.mean, spec.std))
+
+
 def test_unknown_dataset_is_a_config_error_listing_the_known_ones():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["data.dataset=imagenet"])
@@ -376,3 +398,26 @@ def test_fashion_mnist_reads_the_debian_package_files(tmp_path):
     images, labels = list(loaders.test)[0]
     assert images.shape == (1000, 1, 28, 28)
     assert np.array_equal(pixels(images, spec), source.test_images[:1000]) and np.array_equal(labels.numpy(), source.test_labels[:1000])
+
+
+# ------------------------------------------------------------------------------- training smoke
+def _train_through_ffcv(rank: int, world_size: int, cfg_dict: dict) -> dict:
+    from sparsedist.config import validate
+    from sparsedist.train.loop import train
+
+    cfg = validate(cfg_dict)
+    result = train(cfg, build_loaders(cfg, rank=rank, world_size=world_size, log=QUIET), device=torch.device("cpu"))
+    return result.final_record
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_rank_training_on_synthetic_data_through_ffcv_learns(tmp_path):
+    # The smoke preset: 4 classes of 16x16 gratings (chance 0.25), WRN-10-1, adaptive controller, batch 64.
+    # Seeded end to end; this run reaches 0.98 train / 1.0 test accuracy in its third epoch (0.89 test after two).
+    cfg = load_config("smoke", [f"data.root={tmp_path}", "train.epochs=3", "scaling.num_workers=2"])
+    prepare(cfg.data, QUIET)
+    records = run_gloo(_train_through_ffcv, 2, cfg.to_dict(), timeout=280)
+    assert records[0]["eval"] == records[1]["eval"], "evaluation is all-reduced: every rank reports the same"
+    assert records[0]["train_accuracy"] >= 0.8, records[0]
+    assert records[0]["eval"]["test"]["1.00"] >= 0.9, records[0]["eval"]

@@ -33,11 +33,11 @@ from sparsedist.data.sources import load_source
 from sparsedist.models import build_model
 
 TARGETS = {"ffcv_over_torchvision": 3.0, "data_wait_fraction": 0.02}
-# CIFAR-shaped synthetic data (always available offline) and a model whose CPU step is a realistic
-# few hundred milliseconds; pass a Config to measure another dataset or the paper's WRN-28-4.
+# CIFAR-shaped synthetic data (always available offline) and the demo preset's small WRN-10-2, whose
+# short CPU step makes data waits visible; pass a Config to measure another dataset or the paper's WRN-28-4.
 DEFAULT_SETTINGS = {
     "data.dataset": "synthetic", "data.synthetic.train_size": 20000, "data.synthetic.test_size": 1000,
-    "data.loader_workers": 2, "model.depth": 16, "model.widen_factor": 4, "train.batch_size": 128, "run.seed": 0,
+    "data.loader_workers": 2, "model.depth": 10, "model.widen_factor": 2, "train.batch_size": 128, "run.seed": 0,
 }
 WARMUP_STEPS = 3
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sparsedist.config import DATASETS
 from sparsedist.data import synthetic
 from sparsedist.data.base import DatasetSpec
 
@@ -12,7 +13,6 @@ _FIXED_SPECS = {
     "cifar100": DatasetSpec("cifar100", 3, 32, 100, mean=(129.31, 124.06, 112.43), std=(68.16, 65.38, 70.43)),
     "fashion-mnist": DatasetSpec("fashion-mnist", 1, 28, 10, mean=(72.94,), std=(90.02,)),
 }
-KNOWN_DATASETS = (*_FIXED_SPECS, "synthetic")
 
 
 def get_spec(data_cfg) -> DatasetSpec:
@@ -23,5 +23,5 @@ def get_spec(data_cfg) -> DatasetSpec:
         # The generator's nominal centre and spread; RMSNorm makes the exact scale immaterial.
         return DatasetSpec("synthetic", s.channels, s.image_size, s.num_classes, (synthetic.MID,) * s.channels, (synthetic.SCALE,) * s.channels)
     if name not in _FIXED_SPECS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     return _FIXED_SPECS[name]
