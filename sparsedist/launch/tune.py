@@ -11,8 +11,10 @@ checkpoint. At the end sweep.csv, summary.md and the HParams view are written (`
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -20,14 +22,16 @@ from typing import Any
 
 import yaml
 
-from sparsedist.config import Config, ScalingConfig, apply_overrides, load_source, validate
-from sparsedist.data import prepare
-from sparsedist.launch.cluster import RESOURCE_WAIT_S, ray_session
+from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
+from sparsedist.data import DataUnavailableError, prepare
+from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.launch.rundir import SUMMARY_FILE, prepare_run_dir
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import make_trainer, write_json_atomic
-from sparsedist.report.runs import is_run_dir
-from sparsedist.report.sweep import (SWEEP_FILE, TRIALS_DIR, Trial, read_sweep_file, read_trials, write_sweep_results,
+from sparsedist.logging import flatten_epoch
+from sparsedist.report.runs import is_run_dir, read_run
+from sparsedist.report.sweep import (CSV_FILE, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
+                                     read_sweep_file, read_trials, record_trial_error, write_sweep_results,
                                      write_trial_file)
 
 DEFAULT_METRIC = "eval/val/accuracy/keep_1.00"
@@ -80,6 +84,10 @@ def check_sweep(spec: SweepSpec) -> tuple[SearchSpace, list[Config]]:
     """The parsed space and its validated corner configs; ConfigError/SpaceError before any trial starts."""
     validate(spec.base)
     space = parse_space(spec.space)
+    if spec.num_samples > 1 and all(d.kind == "grid" for d in space.dimensions):
+        # Seeded runs are deterministic: repeating a grid would count identical runs as independent samples.
+        raise SpaceError([("--num-samples", "a space of grids only would repeat identical trials; sweep run.seed "
+                                            "for repetitions", spec.num_samples)])
     return space, check_space(space, spec.base, spec.metric)
 
 
@@ -97,16 +105,27 @@ def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: st
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, sampled, trial_id, sweep_dir)
     run_dir = cfg.run.run_dir
+    if is_run_dir(run_dir) and (run := read_run(run_dir)).completed:
+        # Interrupted after its last epoch but before Tune recorded the end: hand Tune the final result again.
+        tune.report(flatten_epoch(run.epochs[-1]))
+        return
     # A restored trial finds its run directory and Ray Train resumes from its last registered checkpoint.
     cfg = prepare_run_dir(cfg, resume=is_run_dir(run_dir))
     write_trial_file(run_dir, trial_id, sampled)
-    try:
-        make_trainer(cfg, callbacks=[TuneReportCallback()], quiet=True).fit()
-    except Exception as error:
-        write_trial_file(run_dir, trial_id, sampled, error=f"{type(error).__name__}: {error}")
-        raise
-    # summary.json is written by `run_sweep` after the Tuner ends: ASHA stops every trial at its last
-    # report (max_t), before code after fit() would run.
+    # Nothing follows fit(): ASHA stops every trial at its last report (max_t), and a stopped trial's fit()
+    # raises like a failed one. `run_sweep` writes summary.json and errors once the Tuner has ended.
+    make_trainer(cfg, callbacks=[TuneReportCallback()], quiet=True).fit()
+
+
+def record_trial_errors(sweep_dir: str, results) -> None:
+    """Put the error of every trial Tune counts as failed into its trial.json (Tune's verdict, not the
+    driver's: see `trial_driver`)."""
+    for result in results:
+        trial_id = os.path.basename(result.path)
+        run_dir = os.path.join(sweep_dir, TRIALS_DIR, trial_id)
+        if result.error is not None and os.path.isfile(os.path.join(run_dir, TRIAL_FILE)):
+            # A Ray task error's text is its traceback; the last line names the exception.
+            record_trial_error(run_dir, str(result.error).strip().splitlines()[-1])
 
 
 def write_completed_summaries(sweep_dir: str) -> None:
@@ -194,6 +213,46 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                 ),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir),
             )
-        tuner.fit()
+        results = tuner.fit()
+    record_trial_errors(sweep_dir, results)
     write_completed_summaries(sweep_dir)
     return write_sweep_results(sweep_dir)
+
+
+# ------------------------------------------------------------------------------------ command
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sparsedist tune` flags."""
+    parser.add_argument("--config", required=True, help="base config: YAML file or preset name")
+    parser.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="samples of the random dimensions; grid dimensions are crossed with each (default 1)")
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at once (default: as many as the cluster fits by each trial's scaling)")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="asha (early stopping) or fifo")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"per-epoch metric to optimize (default {DEFAULT_METRIC})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a base config field by dotted path (repeatable)")
+    parser.add_argument("--sweep-dir", help="sweep directory (default: ./sweeps/<space file name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory")
+
+
+def tune_from_args(args: argparse.Namespace) -> int:
+    """Run `tune` for parsed arguments; print where the results are, or a one-paragraph error."""
+    sweep_dir = args.sweep_dir or os.path.join("sweeps", Path(args.space).stem)
+    try:
+        spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
+                          num_samples=args.num_samples)
+        trials = run_sweep(spec, sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume)
+    except ConfigError as error:  # SpaceError included
+        print(error.format(), file=sys.stderr)
+        return 2
+    except (SweepError, ClusterError, DataUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    sweep_dir = os.path.abspath(sweep_dir)
+    statuses = [t.status for t in trials]
+    print(f"{len(trials)} trials: " + ", ".join(f"{statuses.count(s)} {s}" for s in ("completed", "stopped", "error")))
+    print(f"results:     {os.path.join(sweep_dir, CSV_FILE)}\n             {os.path.join(sweep_dir, SUMMARY_MD)}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(sweep_dir, TENSORBOARD_DIR)} --host 127.0.0.1")
+    print(f"report:      sparsedist report {sweep_dir}")
+    return 0

@@ -7,13 +7,16 @@ training batches), on one process.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
-from sparsedist.config import Config, apply_overrides, validate
+from sparsedist.config import Config, ConfigError, apply_overrides, validate
 from sparsedist.launch.rundir import BEST_DIR
 from sparsedist.logging import regime_key
 from sparsedist.models import build_model
@@ -94,3 +97,41 @@ def regime_text(evaluation: CheckpointEvaluation) -> str:
     title = (f"{evaluation.checkpoint} (epoch {evaluation.epoch + 1}, {evaluation.config.sparsity.scope} scope, "
              f"{evaluation.config.data.dataset})")
     return "\n".join([title, *lines])
+
+
+def keep_ratio_list(text: str) -> list[float]:
+    """--keep-ratios: comma-separated keep ratios, e.g. 1,0.5,0.2."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5,0.2; got {text!r}") from None
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sparsedist eval` flags."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its best/)")
+    parser.add_argument("--keep-ratios", type=keep_ratio_list, default=None, metavar="R1,R2,...",
+                        help="keep ratios to evaluate (default: the run's eval.keep_ratios)")
+    parser.add_argument("--json", metavar="OUT", help="also write the accuracies as JSON")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the checkpoint's config, e.g. data.root=/data (repeatable)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def eval_from_args(args: argparse.Namespace) -> int:
+    from sparsedist.data import DataUnavailableError
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        evaluation = evaluate_checkpoint(args.checkpoint, device=device, keep_ratios=args.keep_ratios, overrides=args.set)
+    except ConfigError as error:
+        print(error.format(), file=sys.stderr)
+        return 2
+    except (CheckpointError, DataUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(regime_text(evaluation))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(evaluation.to_dict(), handle, indent=2)
+    return 0

@@ -6,7 +6,9 @@ across seeds) and, for the per-run figures, each group's first completed trial.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from typing import Sequence
 
 from sparsedist.report.figures import MAX_PANELS, Series, plot_accuracy_vs_keep, plot_keep_trajectories, plot_train_vs_val
@@ -93,3 +95,19 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
     return path
+
+
+def add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sparsedist report` arguments."""
+    parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories and sweep directories")
+    parser.add_argument("--out", help="output directory (default: <first input>/report)")
+
+
+def report_from_args(args: argparse.Namespace) -> int:
+    try:
+        page = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"))
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(page)
+    return 0

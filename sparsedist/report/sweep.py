@@ -86,6 +86,12 @@ def write_trial_file(run_dir: str, trial_id: str, params: dict[str, Any], error:
         json.dump({"trial_id": trial_id, "params": params, "error": error}, handle, indent=2)
 
 
+def record_trial_error(run_dir: str, error: str) -> None:
+    with open(os.path.join(run_dir, TRIAL_FILE), encoding="utf-8") as handle:
+        data = json.load(handle)
+    write_trial_file(run_dir, data["trial_id"], data["params"], error=error)
+
+
 def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
     with open(os.path.join(sweep_dir, SWEEP_FILE), encoding="utf-8") as handle:
         return yaml.safe_load(handle)

@@ -1,0 +1,236 @@
+"""`run_sweep`: bad input fails before any trial; a tiny ASHA sweep on a real local Ray cluster (127.0.0.1),
+interrupted with Ctrl-C and resumed, yields sweep.csv and summary.md; eval and report run on its outputs."""
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsedist.config import ConfigError
+from sparsedist.launch.rundir import METRICS_FILE, PIDS_DIR, SUMMARY_FILE
+from sparsedist.launch.space import SpaceError
+from sparsedist.launch.tune import SweepError, add_tune_arguments, run_sweep, sweep_spec, tune_from_args
+from sparsedist.report.evaluate import add_eval_arguments, eval_from_args
+from sparsedist.report.page import add_report_arguments, report_from_args
+from sparsedist.report.sweep import CSV_FILE, SUMMARY_MD, TRIALS_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SPACE = """
+controller:
+  grid: {dense: {strategy: dense}, smoke: {preset: smoke}}
+run.seed: {grid: [0, 1]}
+"""
+# Two 1-worker trials at a time on 2 cores: half a CPU per worker leaves room for both and their drivers.
+TINY_OVERRIDES = ["train.epochs=2", "scaling.cpus_per_worker=0.5", "data.loader_workers=1"]
+SWEEP_SCRIPT = """
+import json, sys
+from sparsedist.launch.tune import run_sweep, sweep_spec
+args = json.loads(sys.argv[1])
+spec = sweep_spec("smoke", args["space"], overrides=args["overrides"])
+trials = run_sweep(spec, args["sweep_dir"], max_concurrent=2, resume=args["resume"])
+print("SWEEP DONE", {t.trial_id: t.status for t in trials})
+"""
+SWEEP_TIMEOUT_S = 420
+
+
+def write_space(directory: Path, text: str) -> str:
+    path = directory / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# ------------------------------------------------------------------- refused before any trial starts
+@pytest.mark.parametrize("space_text, overrides, metric, fragment", [
+    ("", [], "eval/val/accuracy/keep_1.00", "non-empty mapping"),
+    ("controller.tighten: {uniform: [0.01, 0.1]}", [], "eval/val/accuracy/keep_1.00", "no such config path"),
+    ("controller.keep_min: {uniform: [0.5, 1.5]}", [], "eval/val/accuracy/keep_1.00", "less than or equal to 1"),
+    ("run.seed: {grid: [0, 1]}", [], "eval/val/accuracy/keep_0.10", "no trial reports this metric"),
+    ("run.seed: {grid: [0, 1]}", ["data.val_fraction=0.0"], "eval/val/accuracy/keep_1.00", "no trial reports"),
+])
+def test_bad_space_or_metric_is_one_error_before_anything_starts(tmp_path, space_text, overrides, metric, fragment):
+    import ray
+
+    spec = sweep_spec("smoke", write_space(tmp_path, space_text), overrides=overrides, metric=metric)
+    with pytest.raises(SpaceError) as caught:
+        run_sweep(spec, str(tmp_path / "sweep"))
+    assert fragment in str(caught.value)
+    assert not (tmp_path / "sweep").exists() and not ray.is_initialized()
+
+
+def test_tune_command_reports_a_bad_space_and_exits_2(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    space = write_space(tmp_path, "controller.tighten: {uniform: [0.01, 0.1]}\nrun.seed: {grid: []}")
+    args = parser.parse_args(["--config", "smoke", "--space", space, "--sweep-dir", str(tmp_path / "sweep")])
+    assert tune_from_args(args) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("invalid search space (2 errors)")
+    assert "controller.tighten: no such config path; did you mean controller.tighten_pct" in message
+    assert "run.seed: grid: expected a non-empty list" in message
+
+
+def test_base_value_config_rejects_is_a_config_error(tmp_path):
+    spec = sweep_spec("smoke", write_space(tmp_path, "run.seed: {grid: [0]}"), overrides=["train.epochs=0"])
+    with pytest.raises(ConfigError, match="train.epochs"):
+        run_sweep(spec, str(tmp_path / "sweep"))
+
+
+def test_repeating_a_grid_only_space_is_refused(tmp_path):
+    spec = sweep_spec("smoke", write_space(tmp_path, "run.seed: {grid: [0, 1]}"), num_samples=3)
+    with pytest.raises(SpaceError, match="identical trials"):
+        run_sweep(spec, str(tmp_path / "sweep"))
+
+
+def test_unknown_scheduler_and_loss_metric_mode(tmp_path):
+    space = write_space(tmp_path, "run.seed: {grid: [0]}")
+    with pytest.raises(SpaceError, match="--scheduler"):
+        sweep_spec("smoke", space, scheduler="pbt")
+    assert sweep_spec("smoke", space, metric="train/loss").mode == "min"
+
+
+def test_existing_sweep_needs_resume_and_resume_needs_the_same_sweep(tmp_path):
+    space = write_space(tmp_path, "run.seed: {grid: [0]}")
+    sweep_dir = tmp_path / "sweep"
+    with pytest.raises(SweepError, match="nothing to resume"):
+        run_sweep(sweep_spec("smoke", space), str(sweep_dir), resume=True)
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.yaml").write_text(json.dumps(sweep_spec("smoke", space).to_dict()))
+    with pytest.raises(SweepError, match="already holds a sweep"):
+        run_sweep(sweep_spec("smoke", space), str(sweep_dir))
+    with pytest.raises(SweepError, match="differs in base"):
+        run_sweep(sweep_spec("smoke", space, overrides=["train.epochs=3"]), str(sweep_dir), resume=True)
+
+
+# ------------------------------------------------------------------------- the tiny sweep, on Ray
+def launch_sweep(space: str, sweep_dir: Path, data_root: Path, resume: bool) -> subprocess.Popen:
+    args = {"space": space, "sweep_dir": str(sweep_dir), "resume": resume,
+            "overrides": [f"data.root={data_root}", *TINY_OVERRIDES]}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, json.dumps(args)], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def completed_trials(sweep_dir: Path) -> list[Path]:
+    """Trial run directories whose metrics.jsonl holds the last (second) epoch."""
+    done = []
+    for metrics in sorted((sweep_dir / TRIALS_DIR).glob(f"*/{METRICS_FILE}")):
+        if any(json.loads(line).get("kind") == "epoch" and json.loads(line)["epoch"] == 1 for line in metrics.open()):
+            done.append(metrics.parent)
+    return done
+
+
+def trial_fingerprint(run_dir: Path) -> tuple:
+    """What a rerun would change: the metrics history and the worker pid file of the attempt."""
+    metrics = run_dir / METRICS_FILE
+    return metrics.read_bytes(), metrics.stat().st_mtime_ns, (run_dir / PIDS_DIR / "rank0.pid").read_text()
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(tmp_path_factory):
+    """A 4-trial ASHA sweep, interrupted (SIGINT, as Ctrl-C) once a trial has finished, then resumed."""
+    root = tmp_path_factory.mktemp("tune")
+    space, sweep_dir, data_root = write_space(root, TINY_SPACE), root / "sweep", root / "data"
+    first = launch_sweep(space, sweep_dir, data_root, resume=False)
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+    while not completed_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    assert first.poll() is None, "the sweep ended before it could be interrupted:\n" + first.stdout.read()[-5000:]
+    first.send_signal(signal.SIGINT)
+    output = first.communicate(timeout=180)[0]
+    finished_before = {d.name: trial_fingerprint(d) for d in completed_trials(sweep_dir)}
+    started_before = sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
+    assert finished_before and len(finished_before) < 4, output[-5000:]
+
+    second = launch_sweep(space, sweep_dir, data_root, resume=True)
+    output = second.communicate(timeout=SWEEP_TIMEOUT_S)[0]
+    assert second.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
+    return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before}
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(resumed_sweep):
+    sweep_dir = resumed_sweep["sweep_dir"]
+    trials = sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
+    assert len(trials) == 4 and set(resumed_sweep["started_before"]) <= set(trials)
+    for name, fingerprint in resumed_sweep["finished_before"].items():
+        assert trial_fingerprint(sweep_dir / TRIALS_DIR / name) == fingerprint, f"{name} was rerun"
+    # Every trial ran at least the first ASHA rung (one epoch) across the two launches.
+    for name in trials:
+        epochs = [json.loads(line) for line in (sweep_dir / TRIALS_DIR / name / METRICS_FILE).open()]
+        assert any(r["kind"] == "epoch" for r in epochs), name
+
+
+@pytest.mark.slow
+def test_tiny_sweep_writes_one_csv_row_per_trial_and_a_summary(resumed_sweep):
+    sweep_dir = resumed_sweep["sweep_dir"]
+    with (sweep_dir / CSV_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["trial_id"] for r in rows) == sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
+    assert sorted((r["controller"], r["run.seed"]) for r in rows) == [("dense", "0"), ("dense", "1"), ("smoke", "0"), ("smoke", "1")]
+    assert {r["status"] for r in rows} <= {"completed", "stopped"} and "completed" in {r["status"] for r in rows}
+    for row in rows:
+        run_dir = sweep_dir / TRIALS_DIR / row["trial_id"]
+        assert (run_dir / SUMMARY_FILE).exists() == (row["status"] == "completed")
+        assert 0 <= float(row["selected_test/keep_1.00"]) <= 1
+    summary = (sweep_dir / SUMMARY_MD).read_text()
+    assert "## Best configuration" in summary and "| controller=smoke |" in summary and "| controller=dense |" in summary
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_selected_checkpoint_accuracy_of_a_trial(resumed_sweep, tmp_path, capsys):
+    sweep_dir = resumed_sweep["sweep_dir"]
+    with (sweep_dir / CSV_FILE).open() as handle:
+        row = next(r for r in csv.DictReader(handle) if r["status"] == "completed")
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(sweep_dir / TRIALS_DIR / row["trial_id"]), "--device", "cpu",
+                              "--keep-ratios", "1,0.5,0.2,0.1,0.05", "--json", str(tmp_path / "eval.json")])
+    assert eval_from_args(args) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluation["checkpoint"].endswith("best") and evaluation["epoch"] == int(row["selected_epoch"])
+    for key in ("1.00", "0.50", "0.20"):  # the grid the trial evaluated while training
+        assert evaluation["accuracy"]["test"][key] == float(row[f"selected_test/keep_{key}"])
+        assert evaluation["accuracy"]["val"][key] == float(row[f"selected_val/keep_{key}"])
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in table[3:]] == ["1.00", "0.50", "0.20", "0.10", "0.05"]
+
+
+@pytest.mark.slow
+def test_report_runs_on_the_sweep_outputs(resumed_sweep, tmp_path):
+    from matplotlib.image import imread
+
+    parser = argparse.ArgumentParser()
+    add_report_arguments(parser)
+    assert report_from_args(parser.parse_args([str(resumed_sweep["sweep_dir"]), "--out", str(tmp_path)])) == 0
+    for name in ("accuracy_vs_keep.png", "keep_trajectory.png", "train_vs_val.png"):
+        assert imread(tmp_path / name)[..., :3].std() > 0.05, name
+    assert "| controller=" in (tmp_path / "report.md").read_text()
+
+def test_only_trials_tune_counts_as_failed_get_an_error(tmp_path):
+    from ray.air.result import Result
+
+    from sparsedist.config import load_config
+    from sparsedist.launch.rundir import prepare_run_dir
+    from sparsedist.launch.tune import record_trial_errors
+    from sparsedist.report.sweep import read_trials, write_trial_file
+
+    for trial_id in ("a_00000", "a_00001"):
+        run_dir = str(tmp_path / TRIALS_DIR / trial_id)
+        prepare_run_dir(load_config("smoke", [f"run.run_dir={run_dir}"]))
+        write_trial_file(run_dir, trial_id, {"run.seed": 0})
+    failure = "ray.exceptions.RayTaskError(ValueError): ...\nTraceback ...\nValueError: the loss diverged"
+    record_trial_errors(str(tmp_path), [
+        Result(metrics={}, checkpoint=None, error=RuntimeError(failure), path=str(tmp_path / "tune" / "a_00000")),
+        Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path / "tune" / "a_00001")),
+    ])
+    trials = {t.trial_id: t for t in read_trials(str(tmp_path))}
+    assert (trials["a_00000"].status, trials["a_00000"].error) == ("error", "ValueError: the loss diverged")
+    assert trials["a_00001"].error is None and trials["a_00000"].params == {"run.seed": 0}
