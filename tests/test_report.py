@@ -193,3 +193,32 @@ def test_report_draws_figures_and_table_for_a_sweep_and_a_run(sweep_dir, tmp_pat
 def test_report_refuses_a_directory_that_is_neither_run_nor_sweep(tmp_path):
     with pytest.raises(ReportError, match="neither a run directory"):
         write_report([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_checkpoint_path_resolves_run_directories_to_best_then_newest(tmp_path):
+    from sparsedist.report.evaluate import resolve_checkpoint
+    from sparsedist.train.checkpoint import CheckpointError, save_checkpoint
+
+    run_dir = tmp_path / "run"
+    for name in ("epoch_00000", "epoch_00001"):
+        save_checkpoint({"epoch": int(name[-1])}, str(run_dir / name))
+    assert resolve_checkpoint(str(run_dir)) == str(run_dir / "epoch_00001")
+    save_checkpoint({"epoch": 0}, str(run_dir / "best"))
+    assert resolve_checkpoint(str(run_dir)) == str(run_dir / "best")
+    assert resolve_checkpoint(str(run_dir / "epoch_00000")) == str(run_dir / "epoch_00000")
+    with pytest.raises(CheckpointError, match="neither a checkpoint nor a run directory"):
+        resolve_checkpoint(str(tmp_path / "empty"))
+
+
+def test_regime_table_shows_calibrated_threshold_in_network_scope():
+    from sparsedist.report.evaluate import CheckpointEvaluation, regime_text
+
+    cfg = validate(apply_overrides(BASE, ["sparsity.scope=network"]))
+    evaluation = CheckpointEvaluation(
+        "/runs/x/best", 4, cfg, {"val": {"1.00": 0.8, "0.20": 0.7}, "test": {"1.00": 0.79, "0.20": 0.65}},
+        {"0.20": {"threshold": 0.0625, "realized_keep": 0.2012, "iterations": 3, "converged": True}})
+    lines = regime_text(evaluation).splitlines()
+    assert lines[0] == "/runs/x/best (epoch 5, network scope, synthetic)"
+    assert lines[1].split() == ["keep", "val", "test", "realized", "keep", "tau"]
+    assert lines[3].split() == ["1.00", "0.8000", "0.7900", "1.0000", "0"]
+    assert lines[4].split() == ["0.20", "0.7000", "0.6500", "0.2012", "0.0625"]
