@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from typing import Callable
@@ -34,22 +35,21 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from sparsedist.data import prepare
+    from sparsedist.data import DataUnavailableError, prepare
 
     overrides = [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else [])
     if args.source:
         overrides.append(f"data.source={args.source}")
     cfg = load_config(args.config, overrides + args.overrides)
-    paths = prepare(cfg.data, log=print)
-    print(json.dumps(paths if isinstance(paths, dict) else str(paths), indent=2, default=str))
+    try:
+        paths = prepare(cfg.data, log=print)
+    except DataUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for split in ("train", "val", "test"):
+        if getattr(paths, split) is not None:
+            print(f"{split:5s} {paths.counts[split]:>7d} examples  {getattr(paths, split)}")
     return 0
-
-
-def _write_json(figures: dict, path: str | None) -> None:
-    print(json.dumps(figures, indent=2))
-    if path:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(figures, handle, indent=2)
 
 
 def cmd_bench_sparsity(args: argparse.Namespace) -> int:
@@ -66,9 +66,32 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Commands whose flags live beside their (heavy) implementation: (module, add-arguments, run, help).
+# Only the invoked one is imported, so `sparsedist config validate` never loads torch, Ray or FFCV.
+RUNNERS = {
+    "train": ("sparsedist.launch.train", "add_train_arguments", "train_from_args",
+              "train through Ray Train (embedded local Ray, or the cluster RAY_ADDRESS names)"),
+    "tune": ("sparsedist.launch.tune", "add_tune_arguments", "tune_from_args",
+             "Ray Tune sweep over a search space (each trial a Ray Train run)"),
+    "report": ("sparsedist.report.page", "add_report_arguments", "report_from_args",
+               "figures and a markdown page for run or sweep directories"),
+    "eval": ("sparsedist.report.evaluate", "add_eval_arguments", "eval_from_args",
+             "per-regime accuracy table of a checkpoint"),
+    "demo": ("sparsedist.launch.demo", "add_demo_arguments", "demo_from_args",
+             "a short 2-worker Ray Train run on offline data (make demo)"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedist", description="Activation-sparsity regime training on Ray.")
     commands = parser.add_subparsers(dest="command", required=True)
+    invoked = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
+    for name, (module_name, add_arguments, run, help_text) in RUNNERS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name == invoked:
+            module = importlib.import_module(module_name)
+            getattr(module, add_arguments)(sub)
+            sub.set_defaults(func=getattr(module, run))
 
     config = commands.add_parser("config", help="inspect configurations").add_subparsers(dest="action", required=True)
     validate = config.add_parser("validate", help="print the resolved YAML, or every error (exit 2)")
@@ -94,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
