@@ -19,6 +19,7 @@ FFCV yields reused buffers; every batch handed out is a fresh tensor (float imag
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -86,8 +87,9 @@ class FFCVBatches:
     """An FFCV loader yielding finished batches; implements the TrainLoader protocol of `base.py`.
 
     `set_epoch(e)` fixes the next iteration's epoch (FFCV seeds RANDOM order with seed + epoch);
-    without it each iteration advances the epoch by one. `max_batches` caps an epoch: the FFCV
-    epoch is then stopped and its thread joined, so no loader thread outlives its epoch.
+    without it each iteration advances the epoch by one. `max_batches` caps an epoch. An epoch
+    ended early (the cap, or a consumer that stops) is closed and its FFCV thread joined, so no
+    loader thread outlives its epoch; FFCV's thread notices within its 0.5 s queue time-out.
     """
 
     def __init__(self, loader: Loader, finish: BatchFinisher, max_batches: int | None = None, epoch: int = 0, augment: RandomCropFlip | None = None):
@@ -106,9 +108,8 @@ class FFCVBatches:
     def __iter__(self) -> Iterator[Batch]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         self._loader.next_epoch = epoch  # FFCV's epoch counter: the order of a resumed epoch is reproduced
-        torch_threads = torch.get_num_threads()
-        ffcv_epoch = iter(self._loader)
-        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its own; keep the trainer's
+        with _keeping_torch_threads():
+            ffcv_epoch = iter(self._loader)
         generator = self._augment.generator(epoch) if self._augment else None
         try:
             for _, (images, labels) in zip(range(self._batches), ffcv_epoch):
@@ -169,11 +170,18 @@ def _ffcv_loader(path: Path, batch_size: int, indices: np.ndarray, threads: int,
         "image": [NDArrayDecoder(), ToTensor(), ToTorchImage(channels_last=True), *to_device],
         "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
     }
-    torch_threads = torch.get_num_threads()
-    try:
+    with _keeping_torch_threads():
         return Loader(str(path), batch_size, num_workers=threads, order=order, indices=indices, pipelines=pipelines, **kwargs)
+
+
+@contextmanager
+def _keeping_torch_threads() -> Iterator[None]:
+    # FFCV sets torch's intra-op thread count to its loader thread count; the trainer's setting wins.
+    threads = torch.get_num_threads()
+    try:
+        yield
     finally:
-        torch.set_num_threads(torch_threads)  # FFCV sets torch's thread count to its own; keep the trainer's
+        torch.set_num_threads(threads)
 
 
 def _loader_threads(requested: int, log: Callable[[str], None]) -> int:
