@@ -8,6 +8,7 @@ from other processes hits them alike. Reported: median seconds per step and the 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -81,14 +82,35 @@ def _step_function(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeats: int = 5, warmup: int = 2,
                            depth: int = 28, widen_factor: int = 4, image_size: int = 32, seed: int = 0,
-                           json_out: str | None = None) -> dict:
+                           threads: int | None = None, json_out: str | None = None) -> dict:
     """Median train-step seconds of every variant (CPU, fp32) and their ratios over dense.
+
+    `threads` sets torch's intra-op threads for the run (None: as they are); on a machine shared
+    with other work, one thread suffers least from descheduled OpenMP workers. The load average
+    before and after is reported so that a reader can judge the noise.
 
     Returns {"setup": {...}, "median_step_s": {variant: s}, "ratio_to_dense": {variant: r},
     "targets": {scope: max ratio}, "meets_target": {scope: bool}, "realized_keep": {scope: fraction}}
     with variants dense, layer, network, layer_reference, network_reference. The warm-up steps also
     give network scope its first threshold (step 0 is dense by definition).
     """
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        result = _measure(batch_size, keep_ratio, repeats, warmup, depth, widen_factor, image_size, seed)
+    finally:
+        torch.set_num_threads(threads_before)
+    print(format_table(result))
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, depth: int, widen_factor: int,
+             image_size: int, seed: int) -> dict:
+    load_before = os.getloadavg()[0]
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
     labels = torch.randint(0, 10, (batch_size,), generator=generator)
@@ -102,7 +124,9 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
     last_stats = {}
 
     def finish(scope: str) -> Callable[[], None]:
-        return lambda: last_stats.__setitem__(scope, scopes[scope].finish_step())
+        def finish_step() -> None:
+            last_stats[scope] = scopes[scope].finish_step()
+        return finish_step
 
     steps = {
         "dense": _step_function(model(), images, labels, lambda: None),
@@ -124,21 +148,16 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
 
     medians = {name: statistics.median(times) for name, times in seconds.items()}
     ratios = {name: medians[name] / medians["dense"] for name in VARIANTS}
-    result = {
+    return {
         "setup": {"batch_size": batch_size, "keep_ratio": keep_ratio, "depth": depth, "widen_factor": widen_factor,
                   "image_size": image_size, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-                  "device": "cpu", "dtype": "float32"},
+                  "device": "cpu", "dtype": "float32", "load_average_1min": [load_before, os.getloadavg()[0]]},
         "median_step_s": medians,
         "ratio_to_dense": ratios,
         "targets": dict(TARGET_RATIO),
         "meets_target": {scope: ratios[scope] <= limit for scope, limit in TARGET_RATIO.items()},
         "realized_keep": {scope: stats.realized_keep for scope, stats in last_stats.items()},
     }
-    print(format_table(result))
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-    return result
 
 
 def format_table(result: dict) -> str:
