@@ -2,7 +2,9 @@
 
 Every variant trains its own copy of one seeded WRN on one random batch (forward, backward, SGD
 step, and for the two product scopes `finish_step`); the variants take turns step by step, so load
-from other processes hits them alike. Reported: median seconds per step and the ratio over dense.
+from other processes hits them alike. Reported: median seconds per step and the ratio over dense, in
+wall-clock time (the target) and in process CPU time (robust to time-slicing on a shared machine
+when run with one thread; with more it also counts OpenMP workers' spin-waits).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
     before and after is reported so that a reader can judge the noise.
 
     Returns {"setup": {...}, "median_step_s": {variant: s}, "ratio_to_dense": {variant: r},
-    "targets": {scope: max ratio}, "meets_target": {scope: bool}, "realized_keep": {scope: fraction}}
+    "median_cpu_s": {variant: s}, "cpu_ratio_to_dense": {variant: r}, "targets": {scope: max wall ratio},
+    "meets_target": {scope: bool}, "realized_keep": {scope: fraction}}
     with variants dense, layer, network, layer_reference, network_reference. The warm-up steps also
     give network scope its first threshold (step 0 is dense by definition).
     """
@@ -138,22 +141,27 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
         "network_reference": _step_function(model(reference_network.site), images, labels,
                                             reference_network.finish_step),
     }
-    seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for repeat in range(warmup + repeats):
         for name in VARIANTS:
-            start = time.perf_counter()
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
             steps[name]()
             if repeat >= warmup:
-                seconds[name].append(time.perf_counter() - start)
+                wall[name].append(time.perf_counter() - wall_start)
+                cpu[name].append(time.process_time() - cpu_start)
 
-    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    medians = {name: statistics.median(times) for name, times in wall.items()}
     ratios = {name: medians[name] / medians["dense"] for name in VARIANTS}
+    cpu_medians = {name: statistics.median(times) for name, times in cpu.items()}
     return {
         "setup": {"batch_size": batch_size, "keep_ratio": keep_ratio, "depth": depth, "widen_factor": widen_factor,
                   "image_size": image_size, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
                   "device": "cpu", "dtype": "float32", "load_average_1min": [load_before, os.getloadavg()[0]]},
         "median_step_s": medians,
         "ratio_to_dense": ratios,
+        "median_cpu_s": cpu_medians,
+        "cpu_ratio_to_dense": {name: cpu_medians[name] / cpu_medians["dense"] for name in VARIANTS},
         "targets": dict(TARGET_RATIO),
         "meets_target": {scope: ratios[scope] <= limit for scope, limit in TARGET_RATIO.items()},
         "realized_keep": {scope: stats.realized_keep for scope, stats in last_stats.items()},
@@ -161,7 +169,11 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{'variant':<18} {'median step s':>14} {'x dense':>8}"]
+    lines = [f"{'variant':<18} {'wall s':>8} {'x dense':>8} {'cpu s':>8} {'x dense':>8}"]
     for name in VARIANTS:
-        lines.append(f"{name:<18} {result['median_step_s'][name]:>14.4f} {result['ratio_to_dense'][name]:>8.3f}")
+        lines.append(f"{name:<18} {result['median_step_s'][name]:>8.3f} {result['ratio_to_dense'][name]:>8.3f} "
+                     f"{result['median_cpu_s'][name]:>8.3f} {result['cpu_ratio_to_dense'][name]:>8.3f}")
+    setup = result["setup"]
+    lines.append(f"threads {setup['threads']}, load average {setup['load_average_1min'][0]:.1f} -> "
+                 f"{setup['load_average_1min'][1]:.1f}, keep ratio {setup['keep_ratio']}, batch {setup['batch_size']}")
     return "\n".join(lines)
