@@ -39,7 +39,7 @@ SCOPES = ("layer", "network")
 @dataclass(frozen=True)
 class StepStats:
     realized_keep: float  # fraction of all site values of the global batch that were nonzero after the constraint
-    site_density: dict[str, float]  # the same fraction per site
+    site_density: dict[str, float]  # the same fraction per site (sites that ran)
     threshold: float  # the tau this step ran with (network scope; always 0.0 in layer scope)
 
 
@@ -189,7 +189,7 @@ class ActivationSparsity:
             self._threshold = self._next_threshold()
         return StepStats(
             realized_keep=sum(kept) / sum(values),
-            site_density={name: k / v for name, k, v in zip(self._site_names, kept, values)},
+            site_density={name: k / v for name, k, v in zip(self._site_names, kept, values) if v},
             threshold=threshold_used,
         )
 
