@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import pickle
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -19,7 +21,7 @@ from torchvision.datasets import CIFAR10
 from sparsedist.config import DATASETS, ConfigError, load_config
 from sparsedist.data import DataUnavailableError, build_loaders, get_spec, prepare
 from sparsedist.data.loaders import RandomCropFlip
-from sparsedist.data.prepare import find_problem, identity, prepared_dir, split_train_val
+from sparsedist.data.preparation import find_problem, identity, prepared_dir, split_train_val
 from sparsedist.data.sources import FASHION_MNIST_SYSTEM_DIR, load_source
 from sparsedist.data.synthetic import generate
 from tests.distributed import run_gloo
@@ -175,6 +177,18 @@ def test_pixels_and_labels_match_the_source_after_undoing_normalization(tmp_path
     x, y = list(loaders.calibration)[0]
     assert x.dtype == torch.float32 and x.shape == (32, 3, 8, 8) and x.is_contiguous() and y.dtype == torch.int64
     assert torch.get_num_threads() == torch_threads, "FFCV must not change the trainer's torch threads"
+
+
+@pytest.mark.timeout(120)
+def test_importing_the_contract_skips_ffcv_and_importing_ffcv_keeps_torch_threads():
+    code = (
+        "import sys, torch; torch.set_num_threads(3); import sparsedist.data.base, sparsedist.data.memory; "
+        "print('ffcv' in sys.modules, 'torchvision' in sys.modules); "
+        "from sparsedist.data import build_loaders, prepare; print('ffcv' in sys.modules, torch.get_num_threads())"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False", "True", "3"]
 
 
 def test_sharded_loaders_without_a_process_group_are_refused(tmp_path):

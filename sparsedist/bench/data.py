@@ -28,7 +28,7 @@ from torchvision import transforms
 from sparsedist.config import Config, apply_overrides, validate
 from sparsedist.data import build_loaders, prepare
 from sparsedist.data.memory import TensorTrainLoader
-from sparsedist.data.prepare import split_train_val
+from sparsedist.data.preparation import split_train_val
 from sparsedist.data.sources import load_source
 from sparsedist.models import build_model
 

@@ -19,7 +19,6 @@ FFCV yields reused buffers; every batch handed out is a fresh tensor (float imag
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,13 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from ffcv.fields.basics import IntDecoder
-from ffcv.fields.ndarray import NDArrayDecoder
-from ffcv.loader import Loader, OrderOption
-from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
+from sparsedist.data._ffcv import (
+    IntDecoder, Loader, NDArrayDecoder, OrderOption, Squeeze, ToDevice, ToTensor, ToTorchImage, keeping_torch_threads,
+)
 from sparsedist.data.base import Batch, DatasetSpec, Loaders
-from sparsedist.data.prepare import prepare
+from sparsedist.data.preparation import prepare
 from sparsedist.data.registry import get_spec
 
 CROP_PADDING = 4  # pixels of zero padding (the dataset mean after normalization) before the random crop
@@ -108,7 +106,7 @@ class FFCVBatches:
     def __iter__(self) -> Iterator[Batch]:
         epoch, self.epoch = self.epoch, self.epoch + 1
         self._loader.next_epoch = epoch  # FFCV's epoch counter: the order of a resumed epoch is reproduced
-        with _keeping_torch_threads():
+        with keeping_torch_threads():
             ffcv_epoch = iter(self._loader)
         generator = self._augment.generator(epoch) if self._augment else None
         try:
@@ -170,18 +168,8 @@ def _ffcv_loader(path: Path, batch_size: int, indices: np.ndarray, threads: int,
         "image": [NDArrayDecoder(), ToTensor(), ToTorchImage(channels_last=True), *to_device],
         "label": [IntDecoder(), ToTensor(), Squeeze(1), *to_device],
     }
-    with _keeping_torch_threads():
+    with keeping_torch_threads():
         return Loader(str(path), batch_size, num_workers=threads, order=order, indices=indices, pipelines=pipelines, **kwargs)
-
-
-@contextmanager
-def _keeping_torch_threads() -> Iterator[None]:
-    # FFCV sets torch's intra-op thread count to its loader thread count; the trainer's setting wins.
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _loader_threads(requested: int, log: Callable[[str], None]) -> int:

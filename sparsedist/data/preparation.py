@@ -25,10 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from ffcv.fields import IntField, NDArrayField
-from ffcv.reader import Reader
-from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter
 
+from sparsedist.data._ffcv import MIN_PAGE_SIZE, DatasetWriter, IntField, NDArrayField, Reader
 from sparsedist.data.sources import DataUnavailableError, SourceData, load_source
 
 WRITER_VERSION = 1  # bump when the file layout changes: old directories are then ignored
