@@ -15,6 +15,7 @@ give the step time without any loader, so loader threads competing for cores sho
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Callable, Iterable
 
@@ -51,6 +52,20 @@ def run_data_benchmark(cfg: Config | None = None, *, epochs: int = 2, train_step
     "targets", "meets_target"}.
     """
     cfg = cfg or validate(apply_overrides({}, DEFAULT_SETTINGS))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # a training worker's allotment, as Ray sets it
+    try:
+        result = _measure(cfg, epochs, train_steps, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+    log(format_table(result))
+    if json_out:
+        with open(json_out, "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def _measure(cfg: Config, epochs: int, train_steps: int, log: Callable[[str], None]) -> dict:
     prepare(cfg.data, log)
     loaders = build_loaders(cfg, log=log)
     images, labels = _training_split(cfg)
@@ -63,11 +78,7 @@ def run_data_benchmark(cfg: Config | None = None, *, epochs: int = 2, train_step
 
     baseline = _torchvision_loader(images, labels, spec, cfg)
 
-    throughput = {
-        "ffcv": _images_per_second(loaders.train, epochs),
-        "torchvision": _images_per_second(baseline, epochs),
-        "memory": _images_per_second(memory_loader(), epochs),
-    }
+    throughput = _images_per_second({"ffcv": loaders.train, "torchvision": baseline, "memory": memory_loader()}, epochs)
     capped = validate(apply_overrides(cfg.to_dict(), {"train.max_steps_per_epoch": WARMUP_STEPS + train_steps}))
     steps = _training_steps(capped, spec, {"ffcv": build_loaders(capped, log=log).train, "memory": memory_loader(WARMUP_STEPS + train_steps)}, train_steps)
     (ffcv_wait, ffcv_step), (_, memory_step) = steps["ffcv"], steps["memory"]
@@ -75,7 +86,8 @@ def run_data_benchmark(cfg: Config | None = None, *, epochs: int = 2, train_step
         "setup": {"dataset": cfg.data.dataset, "train_images": len(labels), "image_shape": list(images.shape[1:]),
                   "batch_size": cfg.train.batch_size, "workers": cfg.data.loader_workers, "epochs": epochs,
                   "model": f"WRN-{cfg.model.depth}-{cfg.model.widen_factor}", "train_steps": train_steps,
-                  "torch_threads": torch.get_num_threads(), "device": "cpu"},
+                  "torch_threads": torch.get_num_threads(), "device": "cpu", "cpu_count": os.cpu_count(),
+                  "load_average": os.getloadavg()},  # other processes' load skews every figure
         "images_per_s": throughput,
         "ffcv_over_torchvision": throughput["ffcv"] / throughput["torchvision"],
         "ffcv_over_memory": throughput["ffcv"] / throughput["memory"],
@@ -87,10 +99,6 @@ def run_data_benchmark(cfg: Config | None = None, *, epochs: int = 2, train_step
         "ffcv_over_torchvision": result["ffcv_over_torchvision"] >= TARGETS["ffcv_over_torchvision"],
         "data_wait_fraction": ffcv_wait < TARGETS["data_wait_fraction"],
     }
-    log(format_table(result))
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
     return result
 
 
@@ -139,14 +147,23 @@ def _torchvision_loader(images: np.ndarray, labels: np.ndarray, spec, cfg: Confi
                       generator=torch.Generator().manual_seed(cfg.run.seed))
 
 
-def _images_per_second(loader: Iterable, epochs: int) -> float:
-    for _ in loader:  # warm-up epoch: compilation, worker start-up, page cache
-        pass
-    count, start = 0, time.perf_counter()
+def _images_per_second(loaders: dict[str, Iterable], epochs: int) -> dict[str, float]:
+    """Images per second of each loader over `epochs` full epochs, after one warm-up epoch each.
+
+    The loaders take turns epoch by epoch, so load from other processes hits them alike.
+    """
+    for loader in loaders.values():  # warm-up: compilation, worker start-up, page cache
+        for _ in loader:
+            pass
+    counts = dict.fromkeys(loaders, 0)
+    seconds = dict.fromkeys(loaders, 0.0)
     for _ in range(epochs):
-        for images, _ in loader:
-            count += len(images)
-    return count / (time.perf_counter() - start)
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            for images, _ in loader:
+                counts[name] += len(images)
+            seconds[name] += time.perf_counter() - start
+    return {name: counts[name] / seconds[name] for name in loaders}
 
 
 def _training_steps(cfg: Config, spec, loaders: dict[str, Iterable], steps: int) -> dict[str, tuple[float, float]]:
