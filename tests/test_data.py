@@ -26,14 +26,17 @@ from sparsedist.data.sources import FASHION_MNIST_SYSTEM_DIR, load_source
 from sparsedist.data.synthetic import generate
 from tests.distributed import run_gloo
 
-QUIET = lambda message: None  # noqa: E731
 # Loader construction can hang on some FFCV pipeline graphs (NOTES.md): every test that builds one is bounded.
 LOADER_TIMEOUT = pytest.mark.timeout(120)
 
 
-def synthetic_config(root: Path, *overrides: str, train_size: int = 320, val_fraction: float = 0.2):
+def quiet(message: str) -> None:
+    """A log that drops preparation messages."""
+
+
+def synthetic_config(root: Path, *overrides: str, train_size: int = 320):
     return load_config(None, [
-        f"data.root={root}", "data.dataset=synthetic", "data.loader_workers=1", f"data.val_fraction={val_fraction}",
+        f"data.root={root}", "data.dataset=synthetic", "data.loader_workers=1", "data.val_fraction=0.2",
         f"data.synthetic.train_size={train_size}", "data.synthetic.test_size=40", "data.synthetic.image_size=8",
         "data.synthetic.num_classes=4", "train.batch_size=32", "eval.batch_size=16", "sparsity.calibration_batches=2",
         "run.seed=7", *overrides,
@@ -57,7 +60,7 @@ def index_by_pixels(images: np.ndarray) -> dict[bytes, int]:
 
 def source_splits(cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """What the prepared train/val/test files must contain, straight from the source."""
-    source = load_source(cfg.data, QUIET)
+    source = load_source(cfg.data, quiet)
     train, val = split_train_val(len(source.train_labels), cfg.data.val_fraction, cfg.data.val_seed)
     return {
         "train": (source.train_images[train], source.train_labels[train]),
@@ -86,9 +89,12 @@ def test_synthetic_classes_are_not_linearly_separable_from_raw_pixels():
     # so the learning test really needs the convolutional model (it reaches high accuracy there).
     train_x, train_y = generate(1024, 4, 16, 3, 0.5, seed=0, stream=0)
     test_x, test_y = generate(512, 4, 16, 3, 0.5, seed=0, stream=1)
-    design = lambda x: np.c_[x.reshape(len(x), -1) / 255.0, np.ones(len(x))]  # noqa: E731
+
+    def design(x: np.ndarray) -> np.ndarray:
+        return np.c_[x.reshape(len(x), -1) / 255.0, np.ones(len(x))]
+
     weights = np.linalg.lstsq(design(train_x), np.eye(4)[train_y], rcond=None)[0]
-    accuracy = (design(test_x) @ weights).argmax(1).__eq__(test_y).mean()
+    accuracy = ((design(test_x) @ weights).argmax(1) == test_y).mean()
     assert accuracy < 0.4, accuracy
 
 
@@ -109,8 +115,8 @@ def test_prepare_is_idempotent_and_writes_a_manifest(tmp_path):
 
 
 def test_other_split_settings_prepare_a_separate_directory(tmp_path):
-    first = prepare(synthetic_config(tmp_path).data, QUIET)
-    second = prepare(synthetic_config(tmp_path, "data.val_seed=1").data, QUIET)
+    first = prepare(synthetic_config(tmp_path).data, quiet)
+    second = prepare(synthetic_config(tmp_path, "data.val_seed=1").data, quiet)
     assert first.directory != second.directory
     assert find_problem(first.directory, identity(synthetic_config(tmp_path).data)) is None
 
@@ -118,7 +124,7 @@ def test_other_split_settings_prepare_a_separate_directory(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_manifest"])
 def test_damaged_files_are_detected_and_rebuilt(tmp_path, damage):
     cfg = synthetic_config(tmp_path)
-    paths = prepare(cfg.data, QUIET)
+    paths = prepare(cfg.data, quiet)
     original = paths.train.read_bytes()
     if damage == "truncate":
         paths.train.write_bytes(original[:-1000])
@@ -168,7 +174,7 @@ def blocked_on(lock_path: Path) -> int:
 def test_pixels_and_labels_match_the_source_after_undoing_normalization(tmp_path):
     cfg = synthetic_config(tmp_path, "data.loader_workers=2")
     torch_threads = torch.get_num_threads()
-    loaders = build_loaders(cfg, log=QUIET)
+    loaders = build_loaders(cfg, log=quiet)
     expected = source_splits(cfg)
     for split, batches in (("val", loaders.val), ("test", loaders.test)):
         images, labels = zip(*[(pixels(x, loaders.spec), y.numpy()) for x, y in batches])
@@ -193,7 +199,7 @@ def test_importing_the_contract_skips_ffcv_and_importing_ffcv_keeps_torch_thread
 
 def test_sharded_loaders_without_a_process_group_are_refused(tmp_path):
     with pytest.raises(RuntimeError, match="rank 1 of 2 need the matching default process group"):
-        build_loaders(synthetic_config(tmp_path), rank=1, world_size=2, log=QUIET)
+        build_loaders(synthetic_config(tmp_path), rank=1, world_size=2, log=quiet)
 
 
 @LOADER_TIMEOUT
@@ -201,13 +207,13 @@ def test_training_order_is_seeded_by_epoch_and_capped(tmp_path):
     cfg = synthetic_config(tmp_path, "train.max_steps_per_epoch=3")
     spec = get_spec(cfg.data)
     table = index_by_pixels(source_splits(cfg)["train"][0])
-    loaders = build_loaders(cfg, log=QUIET)
+    loaders = build_loaders(cfg, log=quiet)
     assert len(loaders.train) == 3
     epoch0, epoch1 = (seen_indices(loaders.train, spec, table) for _ in range(2))  # iterating advances the epoch
     assert [len(batch) for batch in epoch0] == [32] * 3 and epoch0 != epoch1
     loaders.train.set_epoch(0)
     assert seen_indices(loaders.train, spec, table) == epoch0
-    resumed = build_loaders(cfg, epoch=1, log=QUIET)  # as a fresh process resuming at epoch 1 would
+    resumed = build_loaders(cfg, epoch=1, log=quiet)  # as a fresh process resuming at epoch 1 would
     assert seen_indices(resumed.train, spec, table) == epoch1
     calibration = [seen_indices(loaders.calibration, spec, table) for _ in range(2)]
     assert calibration[0] == calibration[1] == seen_indices(resumed.calibration, spec, table)
@@ -230,7 +236,7 @@ def _shards_seen(rank: int, world_size: int, exact_dict: dict, remainder_dict: d
     loaders = build_loaders(exact, rank=rank, world_size=world_size, log=log.append)
     splits = source_splits(exact)
     seen = {split: seen_indices(getattr(loaders, split), loaders.spec, index_by_pixels(splits[split][0])) for split in ("val", "test")}
-    resumed = build_loaders(exact, rank=rank, world_size=world_size, epoch=1, log=QUIET)
+    resumed = build_loaders(exact, rank=rank, world_size=world_size, epoch=1, log=quiet)
     return {
         "prepare_log": log,
         "len": len(loaders.train),
@@ -239,7 +245,7 @@ def _shards_seen(rank: int, world_size: int, exact_dict: dict, remainder_dict: d
         "val": sum(seen["val"], []),
         "test": sum(seen["test"], []),
         "calibration": seen_indices(loaders.calibration, loaders.spec, index_by_pixels(splits["train"][0])),
-        "remainder_epochs": train_order(build_loaders(remainder, rank=rank, world_size=world_size, log=QUIET), remainder),
+        "remainder_epochs": train_order(build_loaders(remainder, rank=rank, world_size=world_size, log=quiet), remainder),
     }
 
 
@@ -288,8 +294,8 @@ def test_two_ranks_prepare_once_and_together_see_every_training_index_once_per_e
 
 @LOADER_TIMEOUT
 def test_augmented_training_epochs_replay_exactly(tmp_path):
-    plain = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2"), log=QUIET)
-    augmented = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2", "data.augment=true"), log=QUIET)
+    plain = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2"), log=quiet)
+    augmented = build_loaders(synthetic_config(tmp_path, "train.max_steps_per_epoch=2", "data.augment=true"), log=quiet)
     replays = []
     for _ in range(2):
         augmented.train.set_epoch(3)
@@ -338,7 +344,9 @@ def miniature_cifar10(tmp_path) -> Path:
 
 def torchvision_reads(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's own CIFAR10 reader, told the MD5s of the miniature files instead of the official ones."""
-    md5 = lambda name: hashlib.md5((folder / name).read_bytes()).hexdigest()  # noqa: E731
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
     reader = type("MiniatureCIFAR10", (CIFAR10,), {
         "train_list": [[f, md5(f)] for f, _ in CIFAR10.train_list],
         "test_list": [[f, md5(f)] for f, _ in CIFAR10.test_list],
@@ -351,15 +359,15 @@ def torchvision_reads(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray
 def test_cifar10_miniature_archive_matches_torchvision_and_round_trips(tmp_path, miniature_cifar10):
     cfg = load_config(None, [f"data.root={tmp_path / 'root'}", "data.dataset=cifar10", f"data.source={miniature_cifar10}",
                              "data.download=false", "data.loader_workers=1", "data.val_fraction=0.2", "train.batch_size=8", "eval.batch_size=7"])
-    source = load_source(cfg.data, QUIET)
+    source = load_source(cfg.data, quiet)
     reference_train = torchvision_reads(tmp_path / "archive" / "cifar-10-batches-py", train=True)
     reference_test = torchvision_reads(tmp_path / "archive" / "cifar-10-batches-py", train=False)
     assert np.array_equal(source.train_images, reference_train[0]) and np.array_equal(source.train_labels, reference_train[1])
     assert np.array_equal(source.test_images, reference_test[0]) and np.array_equal(source.test_labels, reference_test[1])
     folder_cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(tmp_path / "archive")})})
-    assert load_source(folder_cfg.data, QUIET).checksum() == source.checksum()  # the extracted folder reads the same
+    assert load_source(folder_cfg.data, quiet).checksum() == source.checksum()  # the extracted folder reads the same
 
-    loaders = build_loaders(cfg, log=QUIET)
+    loaders = build_loaders(cfg, log=quiet)
     assert loaders.spec.channels == 3 and loaders.spec.num_classes == 10
     images, labels = zip(*[(pixels(x, loaders.spec), y.numpy()) for x, y in loaders.test])
     assert np.array_equal(np.concatenate(images), reference_test[0]) and np.array_equal(np.concatenate(labels), reference_test[1])
@@ -368,19 +376,19 @@ def test_cifar10_miniature_archive_matches_torchvision_and_round_trips(tmp_path,
 def test_corrupt_files_with_the_source_gone_are_reported_before_training(tmp_path, miniature_cifar10):
     cfg = load_config(None, [f"data.root={tmp_path / 'root'}", "data.dataset=cifar10", f"data.source={miniature_cifar10}",
                              "data.download=false", "data.loader_workers=1"])
-    paths = prepare(cfg.data, QUIET)
+    paths = prepare(cfg.data, quiet)
     miniature_cifar10.unlink()
     with open(paths.test, "r+b") as handle:
         handle.truncate(paths.test.stat().st_size // 2)
     with pytest.raises(DataUnavailableError, match=r"(?s)must be rebuilt \(test\.beton has .*truncated.*cifar-10-python\.tar\.gz"):
-        build_loaders(cfg, log=QUIET)
+        build_loaders(cfg, log=quiet)
 
 
 @pytest.mark.parametrize("dataset, url", [("cifar10", "cifar-10-python.tar.gz"), ("cifar100", "cifar-100-python.tar.gz")])
 def test_missing_dataset_error_names_what_to_download_and_where(tmp_path, dataset, url):
     cfg = load_config(None, [f"data.root={tmp_path}", f"data.dataset={dataset}", "data.download=false"])
     with pytest.raises(DataUnavailableError) as caught:
-        prepare(cfg.data, QUIET)
+        prepare(cfg.data, quiet)
     message = str(caught.value)
     assert f"https://www.cs.toronto.edu/~kriz/{url}" in message and str(tmp_path / "raw" / dataset / url) in message
     assert "data.download: false" in message and "data.source" in message
@@ -389,7 +397,7 @@ def test_missing_dataset_error_names_what_to_download_and_where(tmp_path, datase
 def test_a_source_path_that_does_not_exist_is_reported(tmp_path):
     cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=fashion-mnist", f"data.source={tmp_path / 'nowhere'}"])
     with pytest.raises(DataUnavailableError, match="does not hold fashion-mnist.*dataset-fashion-mnist"):
-        prepare(cfg.data, QUIET)
+        prepare(cfg.data, quiet)
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -409,15 +417,15 @@ def test_unknown_dataset_is_a_config_error_listing_the_known_ones():
 @LOADER_TIMEOUT
 def test_fashion_mnist_reads_the_debian_package_files(tmp_path):
     cfg = load_config(None, [f"data.root={tmp_path}", "data.dataset=fashion-mnist", "data.download=false", "data.loader_workers=1", "eval.batch_size=1000"])
-    paths = prepare(cfg.data, QUIET)
+    paths = prepare(cfg.data, quiet)
     assert paths.counts == {"train": 54000, "val": 6000, "test": 10000}
     spec = get_spec(cfg.data)
-    source = load_source(cfg.data, QUIET)
+    source = load_source(cfg.data, quiet)
     assert np.bincount(source.test_labels).tolist() == [1000] * 10
     # The registry's statistics are the training images' own.
     assert source.train_images.mean() == pytest.approx(spec.mean[0], abs=0.01)
     assert source.train_images.std() == pytest.approx(spec.std[0], abs=0.01)
-    loaders = build_loaders(cfg, log=QUIET)
+    loaders = build_loaders(cfg, log=quiet)
     images, labels = list(loaders.test)[0]
     assert images.shape == (1000, 1, 28, 28)
     assert np.array_equal(pixels(images, spec), source.test_images[:1000]) and np.array_equal(labels.numpy(), source.test_labels[:1000])
@@ -429,7 +437,7 @@ def _train_through_ffcv(rank: int, world_size: int, cfg_dict: dict) -> dict:
     from sparsedist.train.loop import train
 
     cfg = validate(cfg_dict)
-    result = train(cfg, build_loaders(cfg, rank=rank, world_size=world_size, log=QUIET), device=torch.device("cpu"))
+    result = train(cfg, build_loaders(cfg, rank=rank, world_size=world_size, log=quiet), device=torch.device("cpu"))
     return result.final_record
 
 
@@ -439,7 +447,7 @@ def test_two_rank_training_on_synthetic_data_through_ffcv_learns(tmp_path):
     # The smoke preset: 4 classes of 16x16 gratings (chance 0.25), WRN-10-1, adaptive controller, batch 64.
     # Seeded end to end; this run reaches 0.98 train / 1.0 test accuracy in its third epoch (0.89 test after two).
     cfg = load_config("smoke", [f"data.root={tmp_path}", "train.epochs=3", "scaling.num_workers=2"])
-    prepare(cfg.data, QUIET)
+    prepare(cfg.data, quiet)
     records = run_gloo(_train_through_ffcv, 2, cfg.to_dict(), timeout=280)
     assert records[0]["eval"] == records[1]["eval"], "evaluation is all-reduced: every rank reports the same"
     assert records[0]["train_accuracy"] >= 0.8, records[0]
