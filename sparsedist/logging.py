@@ -210,8 +210,10 @@ def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None
     parts.append(f"ETA {format_duration(eta_s)}" if eta_s is not None else "ETA --")
     if record["kind"] == "step" and record.get("accuracy") is not None:
         parts.append(f"train acc {record['accuracy']:.3f}")
-    for split, accuracies in record.get("eval", {}).items():
-        parts.append(f"{split} " + " ".join(f"{key}:{accuracy:.3f}" for key, accuracy in accuracies.items()))
+    evaluation = record.get("eval", {})
+    for split in [s for s in ("val", "test") if s in evaluation]:
+        regimes = sorted(evaluation[split].items(), key=lambda item: -float(item[0]))  # dense first
+        parts.append(f"{split} " + " ".join(f"{key}:{accuracy:.3f}" for key, accuracy in regimes))
     return "  ".join(parts)
 
 
@@ -223,17 +225,17 @@ class ProgressLine:
     """The driver's progress: one line per epoch, rewritten in place as step records arrive and ended with
     the epoch's accuracies. Prints nothing when the stream is not a terminal (logs, `ray job` output).
 
-    Records already shown, or given as `history` (a resumed run's metrics.jsonl), are skipped: after a
+    Records already shown, or passed to `skip` (a resumed run's history), are not shown again: after a
     restart rank 0 rewrites metrics.jsonl and the tail reads the kept history again.
     """
 
     def __init__(self, total_epochs: int, stream: TextIO | None = None, live: bool | None = None,
-                 clock: Callable[[], float] = time.monotonic, history: list[dict[str, Any]] = ()):
+                 clock: Callable[[], float] = time.monotonic):
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self.total_epochs = total_epochs
         self.clock = clock
-        self._seen = {record_key(record) for record in history}
+        self._seen: set[tuple] = set()
         self._start: float | None = None  # arrival of the first record of this session
         self._epochs_seen = 0
         self._epoch_start: float | None = None
@@ -244,6 +246,9 @@ class ProgressLine:
             return None
         mean_epoch_s = (self._epoch_start - self._start) / self._epochs_seen
         return max(0.0, epochs_left * mean_epoch_s - (now - self._epoch_start))
+
+    def skip(self, records: list[dict[str, Any]]) -> None:
+        self._seen.update(record_key(record) for record in records)
 
     def update(self, record: dict[str, Any]) -> None:
         if record_key(record) in self._seen:

@@ -99,7 +99,8 @@ def test_records_already_shown_or_in_the_history_are_not_shown_again():
     master, slave = pty.openpty()
     with os.fdopen(slave, "w") as terminal:
         # A resumed run: epoch 0 is history; after a restart the tail reads epochs 0-1 again.
-        progress = ProgressLine(total_epochs=3, stream=terminal, history=[step(0, 1), epoch_end(0, 2)])
+        progress = ProgressLine(total_epochs=3, stream=terminal)
+        progress.skip([step(0, 1), epoch_end(0, 2)])
         for record in [step(0, 1), epoch_end(0, 2), step(1, 3), epoch_end(1, 4), step(0, 1), epoch_end(0, 2),
                        step(1, 3), epoch_end(1, 4), step(2, 5)]:
             progress.update(record)

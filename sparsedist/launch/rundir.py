@@ -74,11 +74,12 @@ def has_registered_checkpoint(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, RAY_SNAPSHOT_FILE))
 
 
-def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Config:
-    """Check the run directory against the request, then write config.yaml; returns the resolved config.
+def check_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Config:
+    """Raise RunDirError unless the run directory may be used as asked; returns the resolved config.
 
     New directory: start. Existing run: refused unless `resume` (same config up to RESUME_SAFE_FIELDS,
-    not yet complete) or `overwrite` (deletes it: only a directory holding a sparsedist config.yaml).
+    not yet complete) or `overwrite` (allowed only for a directory holding a sparsedist config.yaml).
+    Writes nothing.
     """
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite exclude each other")
@@ -102,13 +103,20 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
         if differences:
             raise RunDirError(f"cannot resume {run_dir}: the config differs in fields that change training:\n  "
                               + "\n  ".join(differences) + "\n(start a new run, or --overwrite this one)")
-    elif exists:
-        if not overwrite:
-            state = "with a registered checkpoint" if has_registered_checkpoint(run_dir) else "without checkpoints"
-            raise RunDirError(f"{run_dir} already holds a run ({state}); pass --resume to continue it or "
-                              "--overwrite to delete it and start again")
+    elif exists and not overwrite:
+        state = "with a registered checkpoint" if has_registered_checkpoint(run_dir) else "without checkpoints"
+        raise RunDirError(f"{run_dir} already holds a run ({state}); pass --resume to continue it or "
+                          "--overwrite to delete it and start again")
+    return cfg
+
+
+def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Config:
+    """`check_run_dir`, then (overwrite: delete the old run) write config.yaml; returns the resolved config."""
+    cfg = check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    run_dir = cfg.run.run_dir
+    if overwrite and os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    with open(config_path, "w", encoding="utf-8") as handle:
+    with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
         handle.write(cfg.to_yaml())
     return cfg

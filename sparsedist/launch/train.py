@@ -19,7 +19,7 @@ from sparsedist.config import Config, ConfigError, apply_overrides, load_source,
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.launch.rundir import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
-                                      prepare_run_dir)
+                                      check_run_dir, prepare_run_dir)
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
@@ -103,16 +103,18 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     DataUnavailableError, or LaunchError (training failed).
     """
     started = time.monotonic()
-    cfg = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
-    run_dir = cfg.run.run_dir
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
-    # Once, here, before any worker starts: data problems fail fast and the workers find the files ready.
-    prepare(cfg.data)
-    history = read_jsonl(metrics_path) if os.path.exists(metrics_path) else []
-    progress = ProgressLine(cfg.train.epochs, stream, history=history)
+    check_run_dir(cfg, resume=resume, overwrite=overwrite)  # refuse before starting anything
+    progress = ProgressLine(cfg.train.epochs, stream)
     with ray_session(cfg.scaling, resource_wait_s=resource_wait_s, log_to_driver=not progress.live):
         from ray.train import TrainingFailedError  # only now: ray_session sets Ray's environment first
 
+        # Written only once the cluster is known to fit, so a failed connection leaves no half-made run.
+        cfg = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
+        run_dir = cfg.run.run_dir
+        metrics_path = os.path.join(run_dir, METRICS_FILE)
+        # Once, before any worker starts: data problems fail fast and the workers find the files ready.
+        prepare(cfg.data)
+        progress.skip(read_jsonl(metrics_path) if os.path.exists(metrics_path) else [])
         trainer = make_trainer(cfg, quiet=progress.live)
         with following(metrics_path, progress):
             try:
