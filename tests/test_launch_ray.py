@@ -190,6 +190,10 @@ def test_killed_workers_restart_then_resume_and_reproduce_the_uninterrupted_run_
     assert summary["epochs_completed"] == EPOCHS
     assert read_pid(cfg.run.run_dir, 1) not in killed
     assert_same_training(cfg.run.run_dir, reference[0])
+    # TensorBoard shows the one history metrics.jsonl keeps, not the abandoned attempts' redone steps.
+    accumulator = EventAccumulator(os.path.join(cfg.run.run_dir, "tensorboard"), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    assert_events_match_jsonl(accumulator, read_jsonl(os.path.join(cfg.run.run_dir, "metrics.jsonl")))
 
 
 def test_more_workers_than_the_cluster_has_fails_fast_with_the_shortfall(cluster, data_root, tmp_path):

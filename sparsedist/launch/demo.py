@@ -4,11 +4,12 @@ set; prints the per-regime accuracy table and the TensorBoard command."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Sequence
 
 from sparsedist.config import Config, apply_overrides, load_config, validate
 from sparsedist.data import DataUnavailableError, prepare
-from sparsedist.launch.train import result_text, run_training
+from sparsedist.launch.train import launch_and_report, run_training
 
 PRESET = "demo"
 
@@ -27,11 +28,19 @@ def demo_config(overrides: Sequence[str] = ()) -> tuple[Config, str]:
 
 
 def run_demo(overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run the demo (its run directory is replaced each time) and print the result; returns the summary."""
+    """Run the demo (its run directory, runs/demo unless overridden, is replaced each time); returns the summary."""
     cfg, data_note = demo_config(overrides)
     print(f"sparsedist demo. {data_note}\n"
           f"Strategy 2 (adaptive keep ratio, relax = reset to dense), WRN-{cfg.model.depth}-{cfg.model.widen_factor}, "
           f"{cfg.train.epochs} epochs, {cfg.scaling.num_workers} Ray Train workers on CPU\n", flush=True)
-    summary = run_training(cfg, overwrite=True)
-    print(result_text(summary))
-    return summary
+    return run_training(cfg, overwrite=True)
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the demo preset by dotted path (repeatable)")
+
+
+def demo_from_args(args: argparse.Namespace) -> int:
+    """`sparsedist demo`: run it, print the per-regime table and the TensorBoard command; the exit code."""
+    return launch_and_report(lambda: run_demo(args.set))

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
@@ -161,10 +161,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return validate(data)
 
 
-def train_from_args(args: argparse.Namespace) -> int:
-    """Run `train` for parsed arguments; print the result or a one-paragraph error. Returns the exit code."""
+def launch_and_report(launch: Callable[[], dict[str, Any]]) -> int:
+    """Run a launch and print its result, or a one-paragraph error; returns the command's exit code
+    (2: the request cannot run as given, 1: training failed)."""
     try:
-        summary = run_training(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+        summary = launch()
     except (ConfigError, RunDirError, ClusterError, DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -173,6 +174,11 @@ def train_from_args(args: argparse.Namespace) -> int:
         return 1
     print(result_text(summary))
     return 0
+
+
+def train_from_args(args: argparse.Namespace) -> int:
+    """`sparsedist train` for parsed arguments; returns the exit code."""
+    return launch_and_report(lambda: run_training(config_from_args(args), resume=args.resume, overwrite=args.overwrite))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
