@@ -55,7 +55,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_bench_sparsity(args: argparse.Namespace) -> int:
     from sparsedist.bench.sparsity import run_sparsity_benchmark
 
-    run_sparsity_benchmark(json_out=args.json)
+    run_sparsity_benchmark(json_out=args.json, threads=args.threads)
     return 0
 
 
@@ -113,6 +113,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sub = bench.add_parser(name)
         sub.add_argument("--json", metavar="OUT", help="also write the figures as a JSON object")
         sub.set_defaults(func=func)
+        if name == "sparsity":
+            sub.add_argument("--threads", type=int, help="torch threads (1 gives steadier figures on a shared machine)")
     return parser
 
 
