@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
@@ -95,7 +95,7 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
     os.replace(staging, path)
 
 
-def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, stream=None,
+def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, stream: TextIO | None = None,
                  resource_wait_s: float = RESOURCE_WAIT_S) -> dict[str, Any]:
     """Train `cfg` through Ray Train and return the summary (also written to <run_dir>/summary.json).
 
@@ -108,12 +108,12 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     with ray_session(cfg.scaling, resource_wait_s=resource_wait_s, log_to_driver=not progress.live):
         from ray.train import TrainingFailedError  # only now: ray_session sets Ray's environment first
 
-        # Written only once the cluster is known to fit, so a failed connection leaves no half-made run.
+        # Once, before any worker starts: data problems fail fast and the workers find the files ready.
+        prepare(cfg.data)
+        # Written only once the cluster and the data are known to work: a failed launch leaves no half-made run.
         cfg = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
         run_dir = cfg.run.run_dir
         metrics_path = os.path.join(run_dir, METRICS_FILE)
-        # Once, before any worker starts: data problems fail fast and the workers find the files ready.
-        prepare(cfg.data)
         progress.skip(read_jsonl(metrics_path) if os.path.exists(metrics_path) else [])
         trainer = make_trainer(cfg, quiet=progress.live)
         with following(metrics_path, progress):
