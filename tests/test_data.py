@@ -270,6 +270,8 @@ def test_two_ranks_prepare_once_and_together_see_every_training_index_once_per_e
     # 255 training examples: odd, and FFCV's sampler would pad 128 per rank, a full last batch with a duplicate.
     # Trimmed to 254: 127 per rank, 7 batches of 16; 30 examples skipped per epoch plus the trimmed one.
     remainder = synthetic_config(tmp_path, train_size=319)
+    # Here, where multiprocessing forks: under the ranks' spawn start method FFCV's writer pays an interpreter per file.
+    prepare(remainder.data, quiet)
     with contended_lock(prepared_dir(exact.data) / ".lock", waiters=2):
         ranks = run_gloo(_shards_seen, 2, exact.to_dict(), remainder.to_dict(), timeout=200)
 

@@ -71,9 +71,9 @@ def raw_dir(data_cfg) -> Path:
 
 # ---------------------------------------------------------------------------------- synthetic
 def _generate_synthetic(s) -> SourceData:
-    shape = (s.num_classes, s.image_size, s.channels, s.noise, s.seed)
-    train = synthetic.generate(s.train_size, *shape, stream=0)
-    test = synthetic.generate(s.test_size, *shape, stream=1)
+    params = (s.num_classes, s.image_size, s.channels, s.noise, s.seed)
+    train = synthetic.generate(s.train_size, *params, stream=0)
+    test = synthetic.generate(s.test_size, *params, stream=1)
     return SourceData(*train, *test, origin=f"synthetic generator (seed {s.seed})")
 
 
