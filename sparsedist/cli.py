@@ -27,6 +27,13 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_list(args: argparse.Namespace) -> int:
+    from sparsedist.config import preset_names
+
+    print("\n".join(preset_names()))
+    return 0
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     from sparsedist.config import reference_markdown
 
@@ -97,6 +104,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     validate = config.add_parser("validate", help="print the resolved YAML, or every error (exit 2)")
     _add_config_args(validate, positional=True)
     validate.set_defaults(func=cmd_config_validate)
+    config.add_parser("list", help="print the preset names").set_defaults(func=cmd_config_list)
     config.add_parser("reference", help="print the config reference table (markdown)").set_defaults(func=cmd_config_reference)
 
     data = commands.add_parser("data", help="dataset preparation").add_subparsers(dest="action", required=True)
