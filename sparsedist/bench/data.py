@@ -14,7 +14,6 @@ give the step time without any loader, so loader threads competing for cores sho
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Iterable
@@ -26,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from sparsedist.bench import run_benchmark
 from sparsedist.config import Config, apply_overrides, validate
 from sparsedist.data import build_loaders, prepare
 from sparsedist.data.memory import TensorTrainLoader
@@ -52,17 +52,9 @@ def run_data_benchmark(cfg: Config | None = None, *, epochs: int = 2, train_step
     "targets", "meets_target"}.
     """
     cfg = cfg or validate(apply_overrides({}, DEFAULT_SETTINGS))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))  # a training worker's allotment, as Ray sets it
-    try:
-        result = _measure(cfg, epochs, train_steps, log)
-    finally:
-        torch.set_num_threads(previous_threads)
-    log(format_table(result))
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-    return result
+    # Torch threads as Ray sets them for a training worker: its CPU allotment.
+    return run_benchmark(lambda: _measure(cfg, epochs, train_steps, log), format_table,
+                         threads=max(1, int(cfg.scaling.cpus_per_worker)), json_out=json_out, log=log)
 
 
 def _measure(cfg: Config, epochs: int, train_steps: int, log: Callable[[str], None]) -> dict:

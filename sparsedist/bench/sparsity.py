@@ -9,7 +9,6 @@ when run with one thread; with more it also counts OpenMP workers' spin-waits).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from sparsedist.bench import run_benchmark
 from sparsedist.models.wrn import WideResNet, identity_site
 from sparsedist.sparsity import ActivationSparsity
 from sparsedist.sparsity.layer import kept_per_sample
@@ -97,18 +97,10 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
     with variants dense, layer, network, layer_reference, network_reference. The warm-up steps also
     give network scope its first threshold (step 0 is dense by definition).
     """
-    threads_before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        result = _measure(batch_size, keep_ratio, repeats, warmup, depth, widen_factor, image_size, seed)
-    finally:
-        torch.set_num_threads(threads_before)
-    print(format_table(result))
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-    return result
+    return run_benchmark(
+        lambda: _measure(batch_size, keep_ratio, repeats, warmup, depth, widen_factor, image_size, seed),
+        format_table, threads=threads, json_out=json_out,
+    )
 
 
 def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, depth: int, widen_factor: int,

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from sparsedist.atomic import fsync_path
 from sparsedist.data._ffcv import MIN_PAGE_SIZE, DatasetWriter, IntField, NDArrayField, Reader
 from sparsedist.data.sources import DataUnavailableError, SourceData, load_source
 
@@ -177,27 +178,19 @@ def _write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: in
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         DatasetWriter(str(temporary), fields, page_size=MIN_PAGE_SIZE, num_workers=workers).from_indexed_dataset(_Examples(images, labels))
-        _fsync(temporary)
+        fsync_path(temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    _fsync(path.parent)
+    fsync_path(path.parent)
 
 
 def _atomic_write_bytes(path: Path, content: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     temporary.write_bytes(content)
-    _fsync(temporary)
+    fsync_path(temporary)
     os.replace(temporary, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_path(path.parent)
 
 
 def _sha256(path: Path) -> str:

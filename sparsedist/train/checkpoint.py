@@ -17,20 +17,14 @@ from typing import Any
 
 import torch
 
+from sparsedist.atomic import fsync_path
+
 STATE_FILE = "state.pt"
 MARKER_FILE = "COMPLETE"
 
 
 class CheckpointError(Exception):
     """A checkpoint is missing, incomplete or damaged."""
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_synced(path: str, data: bytes) -> None:
@@ -53,7 +47,7 @@ def save_checkpoint(state: dict[str, Any], directory: str) -> str:
         _write_synced(os.path.join(staging, STATE_FILE), payload)
         marker = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
         _write_synced(os.path.join(staging, MARKER_FILE), json.dumps(marker).encode())
-        _fsync_dir(staging)
+        fsync_path(staging)
         if os.path.exists(directory):
             # A rerun of the same epoch re-saves under the same name (idempotent saves).
             retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old.", dir=parent)
@@ -62,7 +56,7 @@ def save_checkpoint(state: dict[str, Any], directory: str) -> str:
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.rename(staging, directory)
-        _fsync_dir(parent)
+        fsync_path(parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
