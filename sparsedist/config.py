@@ -75,7 +75,10 @@ class DataConfig(Section):
     )
     val_seed: int = Field(0, ge=0, description="Seed of the validation holdout permutation.")
     augment: bool = Field(False, description="Random crop (pad 4) and horizontal flip in torch with a seeded generator; the paper uses none.")
-    loader_workers: int = Field(2, ge=1, le=64, description="FFCV loader threads per training worker.")
+    loader_workers: int | None = Field(
+        None, ge=1, le=64,
+        description="FFCV loader threads per training worker; default (null): the worker's CPU allotment, scaling.cpus_per_worker.",
+    )
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="Synthetic dataset settings.")
 
     _abs_root = field_validator("root", "source")(classmethod(lambda cls, v: _absolute(v)))
@@ -280,6 +283,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _rules(self) -> Config:
+        if self.data.loader_workers is None:
+            # Loader threads follow the worker's allotment (Ray sets torch's threads to it too).
+            self.data.loader_workers = max(1, int(self.scaling.cpus_per_worker))
         if self.train.batch_size % self.scaling.num_workers:
             raise_field_errors(
                 "config",

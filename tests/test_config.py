@@ -93,3 +93,9 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert reference_markdown() in readme, "regenerate the README table with `sparsedist config reference`"
+
+
+def test_loader_threads_follow_the_worker_allotment_unless_set():
+    assert load_config("paper-s2", ["scaling.cpus_per_worker=6"]).data.loader_workers == 6
+    assert load_config("paper-s2", ["scaling.cpus_per_worker=0.5"]).data.loader_workers == 1
+    assert load_config("paper-s2", ["scaling.cpus_per_worker=6", "data.loader_workers=2"]).data.loader_workers == 2
