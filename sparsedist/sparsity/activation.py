@@ -168,7 +168,10 @@ class ActivationSparsity:
         return (self._histogram_bins + 2 * len(self._site_names)) * 8
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
-        self._keep_ratio = _check_keep_ratio(keep_ratio)
+        keep_ratio = _check_keep_ratio(keep_ratio)
+        if keep_ratio == self._keep_ratio:
+            return  # finish_step already chose tau for this rho: called every step, most calls change nothing
+        self._keep_ratio = keep_ratio
         if self.scope == "network":
             self._threshold = self._next_threshold()
 

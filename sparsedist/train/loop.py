@@ -181,7 +181,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         loaders.train.set_epoch(epoch)
         model.train()
         sparsity.collecting = True
-        totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, examples
+        loss_total, correct_total, example_total = 0.0, 0.0, 0.0
         events: Counter[str] = Counter()
         nonfinite_steps, realized_sum, epoch_start = 0, 0.0, time.perf_counter()
         for images, labels in loaders.train:
@@ -226,7 +226,9 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             decision = controller.step(accuracy)
             sparsity.set_keep_ratio(decision.keep_ratio)
             events[decision.event] += 1
-            totals += torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+            loss_total += loss_sum
+            correct_total += correct
+            example_total += count
             realized_sum += stats.realized_keep
             result.trajectory.append({"step": step, "keep_ratio": keep_used, "event": decision.event,
                                       "threshold": threshold_used})
@@ -254,12 +256,12 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
 
         record = {
             "kind": "epoch", "epoch": epoch, "step": step,
-            "train_loss": totals[0].item() / max(totals[2].item(), 1),
-            "train_accuracy": totals[1].item() / max(totals[2].item(), 1),
+            "train_loss": loss_total / max(example_total, 1),
+            "train_accuracy": correct_total / max(example_total, 1),
             "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
             "realized_keep": realized_sum / trained_steps, "events": dict(events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
-            "images_per_sec": totals[2].item() / train_time if train_time > 0 else 0.0,
+            "images_per_sec": example_total / train_time if train_time > 0 else 0.0,
             "nonfinite_steps": nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
             "eval": accuracies, "calibration": calibration,
         }
