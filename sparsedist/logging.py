@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any, Callable, Protocol, TextIO
 
+from sparsedist.atomic import write_atomic
+
 
 def regime_key(keep_ratio: float) -> str:
     return f"{keep_ratio:.2f}"
@@ -80,12 +82,7 @@ def rewind_jsonl(path: str, last_epoch: int) -> None:
     if not os.path.exists(path):
         return
     kept = [record for record in read_jsonl(path) if record["epoch"] <= last_epoch]
-    staging = f"{path}.rewind"
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    write_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept).encode())
 
 
 class JsonLinesTail:

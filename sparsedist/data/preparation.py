@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from sparsedist.atomic import fsync_path
+from sparsedist.atomic import fsync_path, write_atomic
 from sparsedist.data._ffcv import MIN_PAGE_SIZE, DatasetWriter, IntField, NDArrayField, Reader
 from sparsedist.data.sources import DataUnavailableError, SourceData, load_source
 
@@ -146,7 +146,7 @@ def _build(directory: Path, data_cfg, expected_identity: dict[str, Any], problem
         records[split] = {"file": path.name, "count": len(labels), "shape": list(images.shape[1:]), "bytes": path.stat().st_size, "sha256": _sha256(path)}
         log(f"  {split}: {len(labels)} examples of shape {images.shape[1:]} -> {path}")
     manifest = {"identity": expected_identity, "source": source.origin, "source_checksum": source.checksum(), "splits": records}
-    _atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
 
 
 def _split(source: SourceData, data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -182,14 +182,6 @@ def _write_beton(path: Path, images: np.ndarray, labels: np.ndarray, workers: in
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    fsync_path(path.parent)
-
-
-def _atomic_write_bytes(path: Path, content: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content)
-    fsync_path(temporary)
-    os.replace(temporary, path)
     fsync_path(path.parent)
 
 

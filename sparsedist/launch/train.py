@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from sparsedist.atomic import write_atomic
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
@@ -88,11 +89,7 @@ def following(metrics_path: str, progress: ProgressLine) -> Iterator[None]:
 
 
 def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    staging = f"{path}.tmp"
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(staging, path)
+    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, stream: TextIO | None = None,
