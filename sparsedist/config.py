@@ -90,7 +90,17 @@ class ModelConfig(Section):
     depth: int = Field(28, ge=10, description="WRN depth d; (d - 4) must be divisible by 6.")
     widen_factor: int = Field(4, ge=1, le=20, description="WRN widen factor k.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout between the two convolutions of a block.")
-    norm_eps: float = Field(1e-6, gt=0.0, description="RMSNorm epsilon.")
+    norm_eps: float = Field(1e-8, gt=0.0, description="RMSNorm epsilon (the released script's effective value: 1e-8).")
+    norm_bias: bool = Field(True, description="Learned per-channel RMSNorm bias beside the gain (the released script has one).")
+    shortcut: Literal["raw", "activated"] = Field(
+        "raw",
+        description="Input of the 1x1 projection shortcut: raw = the block input (the released script); activated = "
+        "its normalized, activated, sparsified version (the common pre-activation WRN).",
+    )
+    head_init: Literal["kaiming", "torch"] = Field(
+        "kaiming", description="Classifier weights: kaiming = kaiming-normal, linear gain (the released script); "
+        "torch = PyTorch's default uniform. The bias starts at zero either way.",
+    )
 
     @model_validator(mode="after")
     def _depth_shape(self) -> ModelConfig:
@@ -202,6 +212,14 @@ class OptimConfig(Section):
         [0.5, 0.75], description="step schedule: fractions of training at which lr is multiplied by step_gamma."
     )
     step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: multiplicative decay.")
+    warmup_epochs: float = Field(
+        0.0, ge=0.0, description="Linear learning-rate warm-up from lr/steps to lr over this many epochs; the schedule "
+        "then spans the remaining steps (0: none, the released recipe).",
+    )
+    clip_grad_norm: float | None = Field(
+        None, gt=0.0, description="Clip the global gradient norm to this value before each update (null: no clipping, "
+        "the released recipe).",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> OptimConfig:

@@ -4,7 +4,7 @@ The training loop emits plain-dict records:
   step  -> {"kind": "step", "epoch", "step", "loss", "accuracy", "keep_ratio", "threshold",
             "realized_keep", "event", "lr", "skipped", "density": {site: fraction}}
   epoch -> {"kind": "epoch", "epoch", "step", "train_loss", "train_accuracy", "keep_ratio",
-            "threshold", "realized_keep", "events": {event: count}, "lr", "epoch_time_s",
+            "threshold", "realized_keep", "events": {event: count}, "lr", "epoch_time_s", "at_chance",
             "images_per_sec", "nonfinite_steps", "is_best", "best_val_accuracy",
             "eval": {"val": {"1.00": acc, ...}, "test": {...}},
             "calibration": {"0.10": {"threshold", "realized_keep", "iterations", "converged"}}}
@@ -207,6 +207,8 @@ def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None
     parts.append(f"ETA {format_duration(eta_s)}" if eta_s is not None else "ETA --")
     if record["kind"] == "step" and record.get("accuracy") is not None:
         parts.append(f"train acc {record['accuracy']:.3f}")
+    if record.get("at_chance"):
+        parts.append(f"NOT LEARNING: train acc {record['train_accuracy']:.3f} at chance")
     evaluation = record.get("eval", {})
     for split in [s for s in ("val", "test") if s in evaluation]:
         regimes = sorted(evaluation[split].items(), key=lambda item: -float(item[0]))  # dense first

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from sparsedist.logging import JsonLinesSink, read_jsonl
+from sparsedist.launch.summary import regime_table, summarize
+from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
-from sparsedist.train.loop import NonFiniteLossError, train
+from sparsedist.train.loop import NonFiniteLossError, lr_factor, train
 from tests.distributed import run_gloo
 from tests.helpers import loaders_for, tiny_config
 
@@ -132,3 +133,69 @@ def test_two_replicas_match_one_process_and_share_every_decision(scope):
     for name, value in single_params.items():
         torch.testing.assert_close(params0[name], value, rtol=1e-3, atol=1e-3)
         assert torch.equal(params0[name], params1[name])
+
+
+def test_warmup_ramps_linearly_then_the_schedule_spans_the_remaining_steps():
+    cfg = tiny_config("train.epochs=3", "optim.warmup_epochs=1", "optim.schedule=cosine")
+    factor = lr_factor(cfg, steps_per_epoch=4)
+    assert [factor(t) for t in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(4 + 4) == pytest.approx(0.5)  # cosine midpoint of the 8 post-warm-up steps
+    assert factor(4 + 8) == pytest.approx(0.0, abs=1e-12)
+    no_warmup = lr_factor(tiny_config("train.epochs=3"), steps_per_epoch=4)
+    assert no_warmup(0) == 1.0 and no_warmup(6) == pytest.approx(0.5)
+
+
+def test_gradient_clipping_bounds_the_update():
+    # One SGD step without momentum moves the parameters by lr * gradient: clipped, its norm is lr * clip.
+    overrides = ("train.epochs=1", "train.max_steps_per_epoch=1", "train.batch_size=32", "optim.momentum=0",
+                 "optim.nesterov=false", "optim.scale_lr=false", "optim.lr=1.0", "controller.strategy=dense")
+    moves = {}
+    for clip in (None, 0.01):
+        cfg = tiny_config(*overrides, f"optim.clip_grad_norm={'null' if clip is None else clip}")
+        torch.manual_seed(cfg.run.seed)
+        initial = parameters(train(tiny_config(*overrides, "optim.lr=1e-30"), loaders_for(cfg), device=CPU).model)
+        final = parameters(train(cfg, loaders_for(cfg), device=CPU).model)
+        moves[clip] = torch.cat([(final[k] - initial[k]).flatten() for k in initial]).norm().item()
+    assert moves[0.01] == pytest.approx(0.01, rel=1e-3)
+    assert moves[None] > 0.05
+
+
+class BlankLoader:
+    """Identical images with every class equally often in each batch: whatever the network predicts for
+    them, one class for all, training accuracy is exactly chance."""
+
+    def __init__(self, steps, batch_size, num_classes):
+        self.steps = steps
+        self.batch = (torch.zeros(batch_size, 3, 16, 16), torch.arange(batch_size) % num_classes)
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        return iter([self.batch] * self.steps)
+
+
+def test_a_run_at_chance_says_it_is_not_learning(caplog):
+    cfg = tiny_config("train.epochs=3", "train.batch_size=32", "controller.strategy=dense")
+    loaders = loaders_for(cfg)
+    loaders.train = BlankLoader(steps=8, batch_size=32, num_classes=4)
+    records = ListSink()
+    with caplog.at_level("WARNING", logger="sparsedist.train.loop"):
+        train(cfg, loaders, device=CPU, sinks=[records])
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["train_accuracy"] for r in epochs] == [0.25, 0.25, 0.25]
+    assert [r["at_chance"] for r in epochs] == [False, True, True]  # the first epoch is allowed to be slow
+    assert "not learning: epoch 2" in caplog.text and "not learning: epoch 3" in caplog.text
+    assert "NOT LEARNING" in progress_text(epochs[-1], 3, None, None)
+    summary = summarize(records, select_keep_ratio=1.0)
+    assert summary["not_learning_epochs"] == [2, 3] and "WARNING: not learning" in regime_table(summary)
+
+
+def test_a_learning_run_is_not_flagged():
+    cfg = tiny_config("train.epochs=2", "train.batch_size=32")
+    records = ListSink()
+    train(cfg, loaders_for(cfg), device=CPU, sinks=[records])
+    assert summarize(records, select_keep_ratio=1.0)["not_learning_epochs"] == []

@@ -46,6 +46,8 @@ def summarize(records: list[dict[str, Any]], *, select_keep_ratio: float) -> dic
             "realized_mean": sum(r["realized_keep"] for r in epochs) / len(epochs),
         },
         "controller_events": dict(sum((Counter(r["events"]) for r in epochs), Counter())),
+        # 1-based epochs whose training accuracy stayed at chance (after the first): the run was not learning.
+        "not_learning_epochs": [r["epoch"] + 1 for r in epochs if r.get("at_chance")],
         "train_time_s": train_time,
         "images_per_sec": images / train_time if train_time > 0 else 0.0,
     }
@@ -78,4 +80,7 @@ def regime_table(summary: dict[str, Any]) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [header, *rows]]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines.append("* best over epochs on the test set itself: for comparison with the paper only")
+    if summary.get("not_learning_epochs"):
+        lines.append(f"WARNING: not learning: training accuracy was at chance in epochs "
+                     f"{', '.join(map(str, summary['not_learning_epochs']))}")
     return "\n".join(lines)

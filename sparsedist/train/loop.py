@@ -8,6 +8,7 @@ Works on one process or under torch.distributed's default group; it never import
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -27,6 +28,17 @@ from sparsedist.logging import Sink, regime_key
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity
 from sparsedist.train.distributed import all_reduce_sum, world
+
+
+log = logging.getLogger(__name__)
+
+# An epoch's training accuracy below this multiple of chance (1/classes) counts as "at chance".
+AT_CHANCE_FACTOR = 1.1
+
+
+def at_chance(train_accuracy: float, num_classes: int, epoch: int) -> bool:
+    """Not learning: training accuracy still at chance for a whole epoch after the first."""
+    return epoch >= 1 and train_accuracy < AT_CHANCE_FACTOR / num_classes
 
 
 class NonFiniteLossError(RuntimeError):
@@ -55,15 +67,19 @@ def scaled_lr(cfg: Config) -> float:
     return cfg.optim.lr * (cfg.train.batch_size / 128 if cfg.optim.scale_lr else 1.0)
 
 
-def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step t, for the configured schedule."""
+def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step t: linear warm-up, then the schedule over the remaining steps."""
     optim = cfg.optim
+    warmup = round(optim.warmup_epochs * steps_per_epoch)
+    span = max(1, cfg.train.epochs * steps_per_epoch - warmup)
     if optim.schedule == "cosine":
-        return lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps))
-    if optim.schedule == "step":
-        milestones = [round(m * total_steps) for m in optim.step_milestones]
-        return lambda t: optim.step_gamma ** sum(t >= m for m in milestones)
-    return lambda t: 1.0
+        decay = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
+    elif optim.schedule == "step":
+        milestones = [round(m * span) for m in optim.step_milestones]
+        decay = lambda t: optim.step_gamma ** sum(t >= m for m in milestones)
+    else:
+        decay = lambda t: 1.0
+    return lambda t: (t + 1) / warmup if t < warmup else decay(t - warmup)
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -144,7 +160,6 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
 
     # ---- build
     steps_per_epoch = len(loaders.train)
-    total_steps = cfg.train.epochs * steps_per_epoch
     controller = build_controller(cfg.controller, steps_per_epoch)
     sparsity = ActivationSparsity(cfg.sparsity.scope, keep_ratio=controller.keep_ratio)
     model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, sparsity.new_site).to(device)
@@ -154,7 +169,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     trained = DistributedDataParallel(model) if world_size > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg), momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss()
 
     start_epoch, step, best_val = 0, 0, None
@@ -218,6 +233,8 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
                     )
                 continue
             consecutive_nonfinite = 0
+            if cfg.optim.clip_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -254,10 +271,16 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         if is_best:
             best_val = val_accuracy
 
+        train_accuracy = correct_total / max(example_total, 1)
+        stalled = at_chance(train_accuracy, loaders.spec.num_classes, epoch)
+        if stalled and rank == 0:
+            log.warning("not learning: epoch %d training accuracy %.3f is at chance (1/%d); the controller's "
+                        "decisions mean nothing until it learns (see optim.lr, optim.warmup_epochs)",
+                        epoch + 1, train_accuracy, loaders.spec.num_classes)
         record = {
             "kind": "epoch", "epoch": epoch, "step": step,
             "train_loss": loss_total / max(example_total, 1),
-            "train_accuracy": correct_total / max(example_total, 1),
+            "train_accuracy": train_accuracy, "at_chance": stalled,
             "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
             "realized_keep": realized_sum / trained_steps, "events": dict(events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
