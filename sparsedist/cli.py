@@ -84,6 +84,8 @@ RUNNERS = {
                "figures and a markdown page for run or sweep directories"),
     "eval": ("sparsedist.report.evaluate", "add_eval_arguments", "eval_from_args",
              "per-regime accuracy table of a checkpoint"),
+    "export": ("sparsedist.export.export", "add_export_arguments", "export_from_args",
+               "write a checkpoint as a self-contained model directory (safetensors, config.json, model card)"),
     "demo": ("sparsedist.launch.demo", "add_demo_arguments", "demo_from_args",
              "a short 2-worker Ray Train run on offline data (make demo)"),
 }

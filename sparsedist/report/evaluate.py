@@ -107,21 +107,30 @@ def keep_ratio_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1,0.5,0.2; got {text!r}") from None
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `sparsedist eval` flags."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its best/)")
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    """--keep-ratios, --set and --device: how a command evaluates a checkpoint (eval, export)."""
     parser.add_argument("--keep-ratios", type=keep_ratio_list, default=None, metavar="R1,R2,...",
                         help="keep ratios to evaluate (default: the run's eval.keep_ratios)")
-    parser.add_argument("--json", metavar="OUT", help="also write the accuracies as JSON")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field of the checkpoint's config, e.g. data.root=/data (repeatable)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `sparsedist eval` flags."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its best/)")
+    parser.add_argument("--json", metavar="OUT", help="also write the accuracies as JSON")
+    add_evaluation_options(parser)
+
+
 def eval_from_args(args: argparse.Namespace) -> int:
     from sparsedist.data import DataUnavailableError
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device_from_args(args)
     try:
         evaluation = evaluate_checkpoint(args.checkpoint, device=device, keep_ratios=args.keep_ratios, overrides=args.set)
     except ConfigError as error:

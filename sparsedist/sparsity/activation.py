@@ -216,9 +216,8 @@ class ActivationSparsity:
         return histogram, step.origin, kept.tolist(), values.tolist()
 
     # ------------------------------------------------------------------ evaluation
-    @contextlib.contextmanager
-    def regime(self, keep_ratio: float, threshold: float | None = None) -> Iterator[None]:
-        """Run at another rho (layer scope) or a fixed tau (network scope); restores rho and tau after."""
+    def set_regime(self, keep_ratio: float, threshold: float | None = None) -> None:
+        """Fix rho (layer scope) or rho and its tau (network scope) until changed again (evaluation, deployment)."""
         keep_ratio = _check_keep_ratio(keep_ratio)
         if self.scope == "network":
             if threshold is None:
@@ -228,8 +227,13 @@ class ActivationSparsity:
             threshold = bits_to_float(float_to_bits(threshold))  # tau is always a float32 value
         elif threshold is not None:
             raise ValueError("layer scope has no threshold")
-        saved = self._keep_ratio, self._threshold
         self._keep_ratio, self._threshold = keep_ratio, threshold or 0.0
+
+    @contextlib.contextmanager
+    def regime(self, keep_ratio: float, threshold: float | None = None) -> Iterator[None]:
+        """Run at another rho (layer scope) or a fixed tau (network scope); restores rho and tau after."""
+        saved = self._keep_ratio, self._threshold
+        self.set_regime(keep_ratio, threshold)
         try:
             yield
         finally:

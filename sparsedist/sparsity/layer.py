@@ -50,3 +50,18 @@ def top_k_per_sample(x: torch.Tensor, keep_ratio: float, workspace: torch.Tensor
     kept = x >= kth_largest.view(-1, *([1] * (x.dim() - 1)))
     # where() saves only the bool mask for backward and routes the gradient to kept values alone.
     return torch.where(kept, x, 0.0)
+
+
+def top_k_per_sample_traced(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.Tensor:
+    """`top_k_per_sample` with rho a tensor, for graphs that serve every rho (torch.export).
+
+    k = max(1, int(rho * C*H*W)) stays a tensor: the keys are sorted in full and the k-th largest is
+    gathered with a tensor index, so no shape in the graph depends on rho. The same k-th largest key
+    is selected, so the result is bitwise that of `top_k_per_sample` (rho as float64, as Python's).
+    """
+    values_per_sample = x[0].numel()
+    flat = x.detach().reshape(x.shape[0], values_per_sample)
+    k = (keep_ratio.to(torch.float64) * values_per_sample).floor().clamp(1, values_per_sample).to(torch.int64)
+    kth_key = order_keys(flat).sort(dim=1, descending=True).values.index_select(1, (k - 1).reshape(1))
+    kth_largest = order_keys(kth_key).view(x.dtype)
+    return torch.where(x >= kth_largest.view(-1, *([1] * (x.dim() - 1))), x, 0.0)

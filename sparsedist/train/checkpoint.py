@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sparsedist.atomic import fsync_path
+from sparsedist.atomic import fsync_path, replace_directory
 
 STATE_FILE = "state.pt"
 MARKER_FILE = "COMPLETE"
@@ -48,15 +48,7 @@ def save_checkpoint(state: dict[str, Any], directory: str) -> str:
         marker = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
         _write_synced(os.path.join(staging, MARKER_FILE), json.dumps(marker).encode())
         fsync_path(staging)
-        if os.path.exists(directory):
-            # A rerun of the same epoch re-saves under the same name (idempotent saves).
-            retired = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old.", dir=parent)
-            os.rename(directory, os.path.join(retired, "ckpt"))
-            os.rename(staging, directory)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, directory)
-        fsync_path(parent)
+        replace_directory(staging, directory)  # a rerun of the same epoch re-saves under the same name
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
