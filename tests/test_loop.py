@@ -128,11 +128,14 @@ def test_two_replicas_match_one_process_and_share_every_decision(scope):
     single_params, single_trajectory, single_eval = _train_on_rank(0, 1, overrides)
     assert trajectory0 == trajectory1 and eval0 == eval1
     assert [t["keep_ratio"] for t in trajectory0] == [t["keep_ratio"] for t in single_trajectory]
-    # 16 SGD steps amplify the float reassociation of the gradient all-reduce; the tight (rtol 1e-5)
-    # 3-step DDP equivalence lives in the sparsity tests. Here: same decisions, parameters close.
-    for name, value in single_params.items():
-        torch.testing.assert_close(params0[name], value, rtol=1e-3, atol=1e-3)
+    # Float reassociation in the gradient all-reduce grows over 16 SGD steps: equal to 1e-7 after the first
+    # epoch's 8 steps, ~1e-3 of the weights' norm after 16 under the smoke recipe. The tight (rtol 1e-5)
+    # 3-step DDP equivalence lives in the sparsity tests. Here: same decisions, identical replicas, and the
+    # same weights as a whole (a wrong gradient average, e.g. a sum, would be off by tens of percent).
+    for name in single_params:
         assert torch.equal(params0[name], params1[name])
+    flat = lambda params: torch.cat([value.flatten().double() for value in params.values()])
+    assert (flat(params0) - flat(single_params)).norm() <= 5e-3 * flat(single_params).norm()
 
 
 def test_warmup_ramps_linearly_then_the_schedule_spans_the_remaining_steps():

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsedist.config import load_source
+from sparsedist.config import load_config, load_source
 from sparsedist.launch.space import (
     MAX_CORNER_COMBINATIONS, SpaceError, check_space, config_paths, load_space, parse_space,
 )
@@ -34,6 +34,20 @@ def test_strategy_grid_resolves_preset_controllers_and_replaces_the_section():
     assert controllers == {(s, i, scope) for s, i in [("dense", None), ("adaptive", 50), ("adaptive", 128)]
                            for scope in ("layer", "network")}
     assert {c.run.seed for c in configs} == {0, 1, 2, 3, 4}
+
+
+def test_science_space_runs_the_released_controllers_with_intervals_scaled_to_its_base():
+    space = load_space(str(SPACES[[p.stem for p in SPACES].index("science")]))
+    configs = check_space(space, load_source("science"), METRIC)
+    assert len(configs) == 9 and {c.run.seed for c in configs} == {0, 1, 2}
+    adaptive = {c.controller.keep_min: c.controller for c in configs if c.controller.strategy == "adaptive"}
+    strategy1, strategy2 = adaptive[0.2], adaptive[0.0]
+    paper1, paper2 = load_config("paper-s1").controller, load_config("paper-s2").controller
+    scaled = {"interval", "interval_epochs"}
+    assert strategy1.model_dump(exclude=scaled) == paper1.model_dump(exclude=scaled)
+    assert strategy2.model_dump(exclude=scaled) == paper2.model_dump(exclude=scaled)
+    # One scaling factor for both: the released intervals are 50 and 128 batches.
+    assert strategy1.interval_epochs / strategy2.interval_epochs == pytest.approx(50 / 128, rel=0.05)
 
 
 def test_unknown_path_is_named_with_a_suggestion():

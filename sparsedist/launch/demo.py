@@ -31,7 +31,8 @@ def run_demo(overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run the demo (its run directory, runs/demo unless overridden, is replaced each time); returns the summary."""
     cfg, data_note = demo_config(overrides)
     print(f"sparsedist demo. {data_note}\n"
-          f"Strategy 2 (adaptive keep ratio, relax = reset to dense), WRN-{cfg.model.depth}-{cfg.model.widen_factor}, "
+          f"{cfg.controller.warmup_epochs:g} epochs dense, then Strategy 2 (adaptive keep ratio, relax = reset to dense), "
+          f"WRN-{cfg.model.depth}-{cfg.model.widen_factor}, "
           f"{cfg.train.epochs} epochs, {cfg.scaling.num_workers} Ray Train workers on CPU\n", flush=True)
     return run_training(cfg, overwrite=True)
 
