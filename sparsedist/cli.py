@@ -66,6 +66,18 @@ def cmd_bench_sparsity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_inference(args: argparse.Namespace) -> int:
+    from sparsedist.bench.inference import run_inference_benchmark
+    from sparsedist.export.artifact import ArtifactError
+
+    try:
+        run_inference_benchmark(args.export_dir, repeats=args.repeats, threads=args.threads, json_out=args.json)
+    except ArtifactError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
 def cmd_bench_data(args: argparse.Namespace) -> int:
     from sparsedist.bench.data import run_data_benchmark
 
@@ -119,12 +131,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
 
     bench = commands.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="action", required=True)
-    for name, func in (("sparsity", cmd_bench_sparsity), ("data", cmd_bench_data)):
+    for name, func in (("sparsity", cmd_bench_sparsity), ("data", cmd_bench_data), ("inference", cmd_bench_inference)):
         sub = bench.add_parser(name)
         sub.add_argument("--json", metavar="OUT", help="also write the figures as a JSON object")
         sub.set_defaults(func=func)
-        if name == "sparsity":
+        if name in ("sparsity", "inference"):
             sub.add_argument("--threads", type=int, help="torch threads (1 gives steadier figures on a shared machine)")
+        if name == "inference":
+            sub.add_argument("export_dir", help="a `sparsedist export` directory")
+            sub.add_argument("--repeats", type=int, default=20, help="timed runs per path and batch size (median)")
     return parser
 
 

@@ -117,3 +117,27 @@ def plot_train_vs_val(runs: list[tuple[str, RunRecords]], path: str) -> None:
         axis.set_ylabel("accuracy")
         axis.legend(fontsize="x-small")
     figure.savefig(path, dpi=DPI)
+
+
+def plot_inference_cost(bench: dict, path: str) -> None:
+    """An exported model's test accuracy and batch-1 CPU latency per path against rho (`bench inference` JSON)."""
+    regimes = sorted(bench["regimes"], key=lambda regime: regime["keep_ratio"])
+    ratios = [regime["keep_ratio"] for regime in regimes]
+    figure = Figure(figsize=(2 * PANEL_SIZE[0], PANEL_SIZE[1]), layout="constrained")
+    accuracy_axis, latency_axis = figure.subplots(1, 2)
+    accuracy_axis.plot(ratios, [regime["accuracy"].get("test") for regime in regimes], marker="o")
+    accuracy_axis.set_ylabel("test accuracy (exported checkpoint)")
+    for name in ("dense", "masked", "skip_zeros"):
+        latency_axis.plot(ratios, [regime["latency_ms"][name]["1"] for regime in regimes], marker="o", label=name)
+    latency_axis.set_ylabel("CPU latency, batch 1 (ms, median)")
+    latency_axis.legend(fontsize="x-small")
+    setup = bench["setup"]
+    for axis in (accuracy_axis, latency_axis):
+        axis.set_xscale("log")
+        axis.set_xticks(ratios, [f"{ratio:g}" for ratio in ratios])
+        axis.minorticks_off()
+        axis.set_xlabel("keep ratio (log scale)")
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{setup['model']} ({setup['scope']} scope): {setup['threads']} thread(s), load average "
+                    f"{setup['load_average_1min'][0]:.1f}", fontsize="small")
+    figure.savefig(path, dpi=DPI)

@@ -7,11 +7,13 @@ across seeds) and, for the per-run figures, each group's first completed trial.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
 
-from sparsedist.report.figures import MAX_PANELS, Series, plot_accuracy_vs_keep, plot_keep_trajectories, plot_train_vs_val
+from sparsedist.report.figures import (MAX_PANELS, Series, plot_accuracy_vs_keep, plot_inference_cost, plot_keep_trajectories,
+                                       plot_train_vs_val)
 from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
 from sparsedist.report.stats import group_stats
 from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, group_trials, read_trials
@@ -22,6 +24,7 @@ FIGURES = {
     "keep_trajectory.png": "Keep-ratio trajectory over training",
     "train_vs_val.png": "Train vs validation accuracy",
 }
+INFERENCE_FIGURE = "inference_cost.png"
 
 
 class ReportError(ValueError):
@@ -71,8 +74,9 @@ def _accuracy_table(series: list[Series]) -> list[str]:
     return lines
 
 
-def write_report(paths: Sequence[str], out_dir: str) -> str:
-    """Write the three figures and report.md into out_dir; returns the markdown file's path."""
+def write_report(paths: Sequence[str], out_dir: str, bench_json: str | None = None) -> str:
+    """Write the three figures and report.md into out_dir, plus the inference-cost figure of a
+    `sparsedist bench inference` JSON when given; returns the markdown file's path."""
     series, shown, summaries = collect(paths)
     os.makedirs(out_dir, exist_ok=True)
     plot_accuracy_vs_keep(series, os.path.join(out_dir, "accuracy_vs_keep.png"))
@@ -91,6 +95,11 @@ def write_report(paths: Sequence[str], out_dir: str) -> str:
     lines += [f"Sweep statistics (Welch's t-test against dense): [{s}]({os.path.relpath(s, out_dir)})" for s in summaries]
     for file_name, title in FIGURES.items():
         lines += ["", f"## {title}", "", f"![{title}]({file_name})"]
+    if bench_json:
+        with open(bench_json, encoding="utf-8") as handle:
+            plot_inference_cost(json.load(handle), os.path.join(out_dir, INFERENCE_FIGURE))
+        lines += ["", "## Accuracy and CPU latency of the exported model vs keep ratio", "",
+                  f"From `{os.path.abspath(bench_json)}`.", "", f"![inference cost]({INFERENCE_FIGURE})"]
     path = os.path.join(out_dir, REPORT_MD)
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -101,11 +110,12 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sparsedist report` arguments."""
     parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories and sweep directories")
     parser.add_argument("--out", help="output directory (default: <first input>/report)")
+    parser.add_argument("--bench-json", help="a `sparsedist bench inference --json` file: adds accuracy and latency vs rho")
 
 
 def report_from_args(args: argparse.Namespace) -> int:
     try:
-        page = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"))
+        page = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"), args.bench_json)
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
