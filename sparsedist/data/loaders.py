@@ -19,6 +19,8 @@ FFCV yields reused buffers; every batch handed out is a fresh tensor (float imag
 
 from __future__ import annotations
 
+import contextlib
+import queue
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -114,8 +116,19 @@ class FFCVBatches:
                 images, labels = self._finish(images, labels)
                 yield (self._augment(images, generator) if self._augment else images), labels
         finally:
-            ffcv_epoch.close()
-            ffcv_epoch.join()
+            close_epoch(ffcv_epoch)
+
+
+def close_epoch(ffcv_epoch) -> None:
+    """Stop an FFCV epoch's thread and wait for it. The thread's last act is a blocking put(None) without
+    a time-out: when the consumer stopped early with exactly `batches_ahead` batches left, the queue is
+    full and that put would wait forever, so the queue is drained until the thread has ended."""
+    ffcv_epoch.close()
+    while ffcv_epoch.is_alive():
+        with contextlib.suppress(queue.Empty):
+            while True:
+                ffcv_epoch.output_queue.get_nowait()
+        ffcv_epoch.join(timeout=0.1)
 
 
 class BatchFinisher:
