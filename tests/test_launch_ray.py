@@ -48,8 +48,8 @@ def smoke(run_dir, data_root, *extra):
     return load_config("smoke", overrides(run_dir, data_root, *extra))
 
 
-def listening_sockets(root: psutil.Process) -> set[tuple[str, str]]:
-    """(process name, local address) of every listening socket of `root` and its descendants."""
+def listening_sockets(root: psutil.Process) -> set[tuple[str, str, int]]:
+    """(process name, local address, pid) of every listening socket of `root` and its descendants."""
     try:
         tree = {p.pid: p for p in [root, *root.children(recursive=True)]}
     except psutil.Error:  # exited meanwhile
@@ -58,7 +58,7 @@ def listening_sockets(root: psutil.Process) -> set[tuple[str, str]]:
     for connection in psutil.net_connections(kind="inet"):  # one scan of the system's socket tables
         if connection.status == psutil.CONN_LISTEN and connection.pid in tree:
             try:
-                found.add((tree[connection.pid].name(), connection.laddr.ip))
+                found.add((tree[connection.pid].name(), connection.laddr.ip, connection.pid))
             except psutil.Error:
                 pass
     return found
@@ -76,7 +76,7 @@ def reference(data_root, tmp_path_factory):
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.append(process.stdout.read()))
     reader.start()
-    sockets: set[tuple[str, str]] = set()
+    sockets: set[tuple[str, str, int]] = set()
     while process.poll() is None:
         sockets |= listening_sockets(psutil.Process(process.pid))
         time.sleep(1.0)
@@ -134,12 +134,14 @@ def test_command_prints_the_regime_table_and_tensorboard_command_and_no_progress
 
 
 def test_embedded_cluster_services_listen_only_on_loopback(reference):
-    sockets = reference[2]
-    assert any(name == "gcs_server" for name, _ in sockets), "Ray's services were not sampled"
-    exposed = {(name, ip) for name, ip in sockets if ip not in LOOPBACK}
+    run_dir, _, sockets = reference
+    assert any(name == "gcs_server" for name, _, _ in sockets), "Ray's services were not sampled"
+    exposed = {(name, ip, pid) for name, ip, pid in sockets if ip not in LOOPBACK}
     # The one exception is not Ray's: torch.distributed's rendezvous store (rank 0's TCPStore) binds
-    # every interface and offers no option to do otherwise; it lives only while the workers train.
-    assert {name.split(".")[0] for name, _ in exposed} <= {"ray::RayTrainWorker"}, exposed
+    # every interface and offers no option to do otherwise; it lives only while the workers train. The
+    # worker is told by its pid: its process title follows the task it runs (ray::RayTrainWorker...,
+    # ray::execute...).
+    assert {pid for _, _, pid in exposed} <= {read_pid(run_dir, 0)}, exposed
 
 
 def kill_rank_in_epochs(run_dir: str, epochs: list[int], rank: int, killed: list[int]) -> None:
