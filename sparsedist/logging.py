@@ -8,7 +8,7 @@ The training loop emits plain-dict records:
             "images_per_sec", "nonfinite_steps", "is_best", "best_val_accuracy",
             "eval": {"val": {"1.00": acc, ...}, "test": {...}},
             "calibration": {"0.10": {"threshold", "realized_keep", "iterations", "converged"}}}
-Regime keys are `regime_key(rho)` ("%.2f"). Sinks take `write(record)` and `close()`: JsonLinesSink
+Regime keys are `regime_key(rho)` ("0.10", "0.025": unique per rho). Sinks take `write(record)` and `close()`: JsonLinesSink
 (metrics.jsonl, the run's history) and TensorBoardSink. The driver follows metrics.jsonl with
 JsonLinesTail and shows it as a ProgressLine.
 """
@@ -25,7 +25,11 @@ from sparsedist.atomic import write_atomic
 
 
 def regime_key(keep_ratio: float) -> str:
-    return f"{keep_ratio:.2f}"
+    """A keep ratio's name in records, TensorBoard tags, sweep columns and tables: two decimals ("0.10")
+    when they state it exactly, else Python's shortest exact form ("0.025"), so distinct keep ratios never
+    share a name (0.025 and 0.03 would both be "0.03" at two decimals)."""
+    two_decimals = f"{keep_ratio:.2f}"
+    return two_decimals if float(two_decimals) == keep_ratio else repr(float(keep_ratio))
 
 
 class Sink(Protocol):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sparsedist.launch.summary import regime_table, summarize
-from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl
+from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl, regime_key
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsedist.train.loop import NonFiniteLossError, lr_factor, train
 from tests.distributed import run_gloo
@@ -202,3 +202,12 @@ def test_a_learning_run_is_not_flagged():
     records = ListSink()
     train(cfg, loaders_for(cfg), device=CPU, sinks=[records])
     assert summarize(records, select_keep_ratio=1.0)["not_learning_epochs"] == []
+
+
+def test_keep_ratios_that_round_alike_get_distinct_regime_names():
+    assert [regime_key(r) for r in (1.0, 0.5, 0.1, 0.05)] == ["1.00", "0.50", "0.10", "0.05"]
+    assert [regime_key(r) for r in (0.03, 0.025, 0.01, 0.005)] == ["0.03", "0.025", "0.01", "0.005"]
+    cfg = tiny_config("train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32",
+                      "eval.keep_ratios=[1.0, 0.03, 0.025]")
+    accuracies = train(cfg, loaders_for(cfg), device=CPU).final_record["eval"]["test"]
+    assert set(accuracies) == {"1.00", "0.03", "0.025"}  # at two decimals 0.025 would overwrite 0.03

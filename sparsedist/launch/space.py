@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel
 
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
-from sparsedist.logging import flatten_epoch
+from sparsedist.logging import flatten_epoch, regime_key
 
 OPTION_KINDS = ("choice", "grid")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "quniform")
@@ -219,7 +219,7 @@ def config_paths(model: type[BaseModel] = Config, prefix: str = "") -> set[str]:
 # --------------------------------------------------------------------------------- checking
 def reported_metrics(cfg: Config) -> set[str]:
     """The metric names every epoch report of a run with this config carries (its evaluation epochs)."""
-    keep = dict.fromkeys((f"{r:.2f}" for r in cfg.eval.keep_ratios), 0.0)
+    keep = dict.fromkeys((regime_key(r) for r in cfg.eval.keep_ratios), 0.0)
     has_val = cfg.data.val_fraction > 0
     record = {
         "epoch": 0, "step": 0, "train_loss": 0.0, "train_accuracy": 0.0, "keep_ratio": 1.0, "threshold": None,

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from sparsedist.logging import flatten_epoch, flatten_hparams
+from sparsedist.logging import flatten_epoch, flatten_hparams, regime_key
 from sparsedist.report.runs import RunRecords, read_run, selected_test
 from sparsedist.report.stats import GroupStats, group_stats, welch_t_test
 
@@ -212,7 +212,7 @@ def write_summary_md(trials: list[Trial], path: str, metric: str, mode: str, tit
     """The best configuration, then per regime and group: n, mean, std, 95% CI, Welch p against dense."""
     groups = group_trials(trials)
     counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped", "error")}
-    select = {f"{t.run.config.eval.select_keep_ratio:.2f}" for t in trials}
+    select = {regime_key(t.run.config.eval.select_keep_ratio) for t in trials}
     lines = [
         f"# Sweep {title}", "",
         f"{len(trials)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the scheduler, "
