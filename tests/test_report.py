@@ -216,7 +216,7 @@ def test_regime_table_shows_calibrated_threshold_in_network_scope():
     cfg = validate(apply_overrides(BASE, ["sparsity.scope=network"]))
     evaluation = CheckpointEvaluation(
         "/runs/x/best", 4, cfg, {"val": {"1.00": 0.8, "0.20": 0.7}, "test": {"1.00": 0.79, "0.20": 0.65}},
-        {"0.20": {"threshold": 0.0625, "realized_keep": 0.2012, "iterations": 3, "converged": True}})
+        {"0.20": {"threshold": 0.0625, "realized_keep": 0.2012, "iterations": 3, "converged": True}}, weights={})
     lines = regime_text(evaluation).splitlines()
     assert lines[0] == "/runs/x/best (epoch 5, network scope, synthetic)"
     assert lines[1].split() == ["keep", "val", "test", "realized", "keep", "tau"]

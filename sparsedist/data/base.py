@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
+from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (normalized float images NCHW on the device, int64 labels)
 
@@ -18,6 +19,20 @@ class DatasetSpec:
     num_classes: int
     mean: tuple[float, ...]  # per-channel, in pixel units (0..255)
     std: tuple[float, ...]
+
+
+class PixelNormalization(nn.Module):
+    """Raw pixels (uint8 or float, 0..255, N x C x H x W) -> (x - mean) / std per channel, computed as
+    (x - mean) * (1 / std) in float32: the one formula the loaders and exported models share, so both
+    feed the network bitwise-identical inputs. The memory format of the input is kept."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.to(torch.float32) - self.mean) * self.inv_std
 
 
 class TrainLoader(Protocol):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sparsedist.data._ffcv import (
     IntDecoder, Loader, NDArrayDecoder, OrderOption, Squeeze, ToDevice, ToTensor, ToTorchImage, keeping_torch_threads,
 )
-from sparsedist.data.base import Batch, DatasetSpec, Loaders
+from sparsedist.data.base import Batch, DatasetSpec, Loaders, PixelNormalization
 from sparsedist.data.preparation import prepare
 from sparsedist.data.registry import get_spec
 
@@ -138,13 +138,12 @@ class BatchFinisher:
     """
 
     def __init__(self, spec: DatasetSpec, device: torch.device):
-        self.mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+        self.normalize = PixelNormalization(spec.mean, spec.std).to(device)
         self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Batch:
         images = images.to(dtype=torch.float32, memory_format=self.memory_format)
-        return (images - self.mean) * self.inv_std, labels.to(torch.int64, copy=True)
+        return self.normalize(images), labels.to(torch.int64, copy=True)
 
 
 class RandomCropFlip:

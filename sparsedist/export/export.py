@@ -28,9 +28,8 @@ from sparsedist.data.registry import get_spec
 from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, PROGRAM_FILE, WEIGHTS_FILE,
                                         ArtifactError, check_keep_ratio)
 from sparsedist.logging import regime_key
-from sparsedist.models import build_model
 from sparsedist.report.evaluate import CheckpointEvaluation, add_evaluation_options, device_from_args, evaluate_checkpoint
-from sparsedist.train.checkpoint import CheckpointError, load_checkpoint
+from sparsedist.train.checkpoint import CheckpointError
 
 CLASS_NAMES = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
@@ -162,15 +161,12 @@ def export_checkpoint(source: str, out: str, *, device: torch.device, keep_ratio
     for keep_ratio in keep_ratios or ():
         check_keep_ratio(keep_ratio)
     evaluation = evaluate_checkpoint(source, device=device, keep_ratios=keep_ratios, overrides=overrides)
-    spec = get_spec(evaluation.config.data)
-    network = build_model(evaluation.config.model, spec.channels, spec.num_classes)
-    network.load_state_dict(load_checkpoint(evaluation.checkpoint)["model"])
     config = artifact_config(evaluation, with_program=program)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
     try:
-        save_file({name: tensor.contiguous() for name, tensor in network.state_dict().items()},
+        save_file({name: tensor.cpu().contiguous() for name, tensor in evaluation.weights.items()},
                   os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2)

@@ -15,23 +15,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sparsedist.config import ModelConfig
+from sparsedist.data.base import PixelNormalization
 from sparsedist.export.artifact import WEIGHTS_FILE, ArtifactError, check_keep_ratio, read_config
 from sparsedist.models import build_model
 from sparsedist.models.wrn import SiteFactory
 from sparsedist.sparsity import ActivationSparsity
-
-
-class PixelNormalization(nn.Module):
-    """Raw pixels (uint8 or float, 0..255, N x C x H x W) -> (x - mean) / std, as the training loader computes it."""
-
-    def __init__(self, mean: list[float], std: list[float]):
-        super().__init__()
-        # The same float32 arithmetic as the FFCV batch finisher: subtract, then multiply by 1/std.
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("inv_std", 1.0 / torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.to(torch.float32) - self.mean) * self.inv_std
 
 
 def build_network(config: dict[str, Any], make_site: SiteFactory) -> nn.Module:

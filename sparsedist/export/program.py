@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsedist.export.load import PixelNormalization, SparseModel, build_network
+from sparsedist.data.base import PixelNormalization
+from sparsedist.export.load import SparseModel, build_network
 from sparsedist.sparsity.layer import top_k_per_sample_traced
 
 

@@ -39,7 +39,8 @@ class ChannelRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the autocast dtype: eps 1e-8 underflows in bf16.
-        normalized = (x.float() * torch.rsqrt(x.float().pow(2).mean(dim=1, keepdim=True) + self.eps)).to(x.dtype)
+        x32 = x.float()
+        normalized = (x32 * torch.rsqrt(x32.pow(2).mean(dim=1, keepdim=True) + self.eps)).to(x.dtype)
         out = normalized * self.weight.view(1, -1, 1, 1).to(x.dtype)
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(x.dtype)
 

@@ -32,6 +32,7 @@ class CheckpointEvaluation:
     config: Config  # the checkpoint's config with the evaluated keep ratios
     accuracy: dict[str, dict[str, float]]  # {"val"|"test": {regime key: accuracy}}
     calibration: dict[str, dict[str, Any]]  # network scope: {regime key: threshold, realized_keep, ...}
+    weights: dict[str, torch.Tensor]  # the evaluated network's state dict (export writes it as is)
 
     def to_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "epoch": self.epoch, "scope": self.config.sparsity.scope,
@@ -75,7 +76,7 @@ def evaluate_checkpoint(path: str, *, device: torch.device, keep_ratios: Sequenc
     model.load_state_dict(state["model"])
     sparsity.load_state_dict(state["sparsity"])
     accuracy, calibration = evaluate_regimes(model, sparsity, loaders, cfg, device)
-    return CheckpointEvaluation(checkpoint, state["epoch"], cfg, accuracy, calibration)
+    return CheckpointEvaluation(checkpoint, state["epoch"], cfg, accuracy, calibration, state["model"])
 
 
 def regime_text(evaluation: CheckpointEvaluation) -> str:

@@ -46,7 +46,11 @@ def top_k_per_sample(x: torch.Tensor, keep_ratio: float, workspace: torch.Tensor
     flat = x.detach().reshape(len(x), values_per_sample)
     out = None if workspace is None else workspace[: flat.numel()].view(flat.shape)
     kth_key = order_keys(flat, out).topk(k, dim=1, sorted=False).values.amin(dim=1)
-    kth_largest = order_keys(kth_key).view(x.dtype)
+    return keep_at_or_above(x, order_keys(kth_key).view(x.dtype))
+
+
+def keep_at_or_above(x: torch.Tensor, kth_largest: torch.Tensor) -> torch.Tensor:
+    """Zero each sample's values below its k-th largest (one value per sample)."""
     kept = x >= kth_largest.view(-1, *([1] * (x.dim() - 1)))
     # where() saves only the bool mask for backward and routes the gradient to kept values alone.
     return torch.where(kept, x, 0.0)
@@ -63,5 +67,4 @@ def top_k_per_sample_traced(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.
     flat = x.detach().reshape(x.shape[0], values_per_sample)
     k = (keep_ratio.to(torch.float64) * values_per_sample).floor().clamp(1, values_per_sample).to(torch.int64)
     kth_key = order_keys(flat).sort(dim=1, descending=True).values.index_select(1, (k - 1).reshape(1))
-    kth_largest = order_keys(kth_key).view(x.dtype)
-    return torch.where(x >= kth_largest.view(-1, *([1] * (x.dim() - 1))), x, 0.0)
+    return keep_at_or_above(x, order_keys(kth_key).view(x.dtype))

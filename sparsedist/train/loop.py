@@ -275,7 +275,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         stalled = at_chance(train_accuracy, loaders.spec.num_classes, epoch)
         if stalled and rank == 0:
             log.warning("not learning: epoch %d training accuracy %.3f is at chance (1/%d); the controller's "
-                        "decisions mean nothing until it learns (see optim.lr, optim.warmup_epochs)",
+                        "decisions mean nothing until it learns (see optim.clip_grad_norm, optim.lr; README: Training recipe)",
                         epoch + 1, train_accuracy, loaders.spec.num_classes)
         record = {
             "kind": "epoch", "epoch": epoch, "step": step,
