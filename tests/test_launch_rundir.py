@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sparsedist.config import load_config
-from sparsedist.launch.rundir import CONFIG_FILE, SUMMARY_FILE, RunDirError, prepare_run_dir
+from sparsedist.rundir import CONFIG_FILE, SUMMARY_FILE, RunDirError, prepare_run_dir
 
 
 def smoke(run_dir, *overrides):

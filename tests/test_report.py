@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from sparsedist.config import apply_overrides, load_source, validate
-from sparsedist.launch.rundir import METRICS_FILE, prepare_run_dir
+from sparsedist.rundir import METRICS_FILE, prepare_run_dir
 from sparsedist.launch.space import parse_space
 from sparsedist.logging import JsonLinesSink
 from sparsedist.report.page import ReportError, write_report

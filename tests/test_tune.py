@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from sparsedist.config import ConfigError
-from sparsedist.launch.rundir import METRICS_FILE, PIDS_DIR, SUMMARY_FILE
+from sparsedist.rundir import METRICS_FILE, PIDS_DIR, SUMMARY_FILE
 from sparsedist.launch.space import SpaceError
 from sparsedist.launch.tune import SweepError, add_tune_arguments, run_sweep, sweep_spec, tune_from_args
 from sparsedist.report.evaluate import add_eval_arguments, eval_from_args
@@ -218,7 +218,7 @@ def test_only_trials_tune_counts_as_failed_get_an_error(tmp_path):
     from ray.air.result import Result
 
     from sparsedist.config import load_config
-    from sparsedist.launch.rundir import prepare_run_dir
+    from sparsedist.rundir import prepare_run_dir
     from sparsedist.launch.tune import record_trial_errors
     from sparsedist.report.sweep import read_trials, write_trial_file
 

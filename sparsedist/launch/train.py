@@ -19,7 +19,7 @@ from sparsedist.atomic import write_atomic
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
-from sparsedist.launch.rundir import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
+from sparsedist.rundir import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
                                       check_run_dir, prepare_run_dir)
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl

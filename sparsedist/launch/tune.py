@@ -25,7 +25,7 @@ import yaml
 from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
-from sparsedist.launch.rundir import SUMMARY_FILE, prepare_run_dir
+from sparsedist.rundir import SUMMARY_FILE, prepare_run_dir
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import make_trainer, write_json_atomic
 from sparsedist.logging import flatten_epoch

@@ -18,7 +18,7 @@ import torch
 
 from sparsedist.config import Config, validate
 from sparsedist.data import build_loaders
-from sparsedist.launch.rundir import BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR
+from sparsedist.rundir import BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR
 from sparsedist.launch.summary import summarize, summary_metrics
 from sparsedist.logging import JsonLinesSink, TensorBoardSink, flatten_epoch, read_jsonl, rewind_jsonl
 from sparsedist.train.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from sparsedist.config import Config, ConfigError, apply_overrides, validate
-from sparsedist.launch.rundir import BEST_DIR
+from sparsedist.rundir import BEST_DIR
 from sparsedist.logging import regime_key
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from sparsedist.config import Config, validate
-from sparsedist.launch.rundir import CONFIG_FILE, METRICS_FILE
+from sparsedist.rundir import CONFIG_FILE, METRICS_FILE
 from sparsedist.launch.summary import summarize
 from sparsedist.logging import read_jsonl
 
