@@ -17,8 +17,16 @@ from torch import nn
 from sparsedist.bench.sparsity import VARIANTS, reference_top_k_per_sample, run_sparsity_benchmark
 from sparsedist.models import WideResNet
 from sparsedist.sparsity import ActivationSparsity
-from sparsedist.sparsity.layer import top_k_per_sample
-from sparsedist.sparsity.threshold import bit_histogram, float_to_bits, histogram_origin, zero_below
+from sparsedist.sparsity.layer import top_k_per_sample, top_k_per_sample_traced
+from sparsedist.sparsity.threshold import (
+    BIN_SHIFT,
+    HISTOGRAM_BINS,
+    bit_histogram,
+    float_to_bits,
+    histogram_origin,
+    threshold_for_count,
+    zero_below,
+)
 from tests.distributed import free_port
 
 
@@ -103,13 +111,36 @@ def test_layer_top_k_selects_like_the_reference_in_every_float_type(dtype):
         assert torch.equal(top_k_per_sample(x, keep_ratio), reference_top_k_per_sample(x, keep_ratio))
 
 
-def test_layer_top_k_keeps_every_value_tied_with_the_kth():
-    # Post-ReLU maps with fewer positives than k: the k-th largest is 0, so every zero "is kept";
-    # the values equal the brute-force selection, which picks k of the tied zeros arbitrarily.
+def test_layer_top_k_with_k_above_the_positive_values_keeps_every_positive():
+    # Post-ReLU maps with fewer positives than k: the k-th largest is 0, and which zeros fill the
+    # remaining places changes no value: the output is the input, as in the brute-force selection.
     x = torch.relu(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3)))
     ours = top_k_per_sample(x, 0.9)
     assert torch.equal(ours, x)
     assert torch.equal(ours, reference_top_k_per_sample(x, 0.9))
+
+
+def stable_top_k_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Independent reference: a stable descending sort puts equal values in index order; keep the first k."""
+    flat = x.reshape(len(x), -1).float()
+    order = flat.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(flat, dtype=torch.bool).scatter(1, order, True).view(x.shape)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.01, 0.1, 0.4])
+def test_layer_top_k_keeps_exactly_k_per_sample_in_bf16_ties_going_to_the_lower_index(keep_ratio):
+    # Coarse bf16 values: every value above zero is shared by many positions of a sample.
+    x = (torch.relu(torch.randn(3, 16, 9, 7, generator=torch.Generator().manual_seed(4))) * 4).round().bfloat16()
+    k = max(1, int(keep_ratio * x[0].numel()))
+    expected = torch.where(stable_top_k_mask(x, k), x, 0.0)
+    x_in = x.clone().requires_grad_()
+    ours = top_k_per_sample(x_in, keep_ratio)
+    ours.float().sum().backward()
+    assert torch.equal(ours, expected)
+    assert torch.equal(torch.count_nonzero(ours.reshape(len(x), -1), dim=1), torch.full((len(x),), k))
+    assert torch.equal(x_in.grad, (expected != 0).bfloat16())
+    assert torch.equal(top_k_per_sample(x.to(memory_format=torch.channels_last), keep_ratio), expected)
+    assert torch.equal(top_k_per_sample_traced(x, torch.tensor(keep_ratio, dtype=torch.float64)), expected)
 
 
 def test_layer_top_k_at_full_keep_ratio_returns_its_input():
@@ -309,6 +340,52 @@ def test_calibration_above_the_positive_fraction_stops_at_tau_zero():
 
     result = sparsity.calibrate(run_forward, 0.99)
     assert result.threshold == 0.0 and not result.converged and result.iterations == 1
+
+
+def test_bf16_calibration_ends_at_the_attainable_tau_nearest_the_keep_ratio():
+    # A bf16 value is shared by many activations, so only some keep ratios are attainable: the search
+    # must move on the bf16 grid and stop at the better of the two taus that bracket rho.
+    sparsity = ActivationSparsity("network")
+    model = tiny_model(sparsity).bfloat16()
+    batch = images(8, seed=1).bfloat16()
+    sparsity.collecting = False
+
+    def run_forward() -> None:
+        with torch.no_grad():
+            model(batch)
+
+    def realized(threshold: float) -> float:
+        recorder = SiteRecorder(model, sparsity)
+        with sparsity.regime(0.5, threshold=threshold):
+            run_forward()
+        recorder.remove()
+        return recorder.realized_keep()
+
+    for keep_ratio in (0.1, 0.01):
+        # A tolerance of 0.2%: finer than one bf16 value's share here, so no tau meets it.
+        result = sparsity.calibrate(run_forward, keep_ratio, tolerance=0.002, max_iters=8)
+        assert not result.converged and result.iterations <= 5, result
+        assert result.threshold == torch.tensor(result.threshold).bfloat16().item()
+        assert realized(result.threshold) == result.realized_keep
+        tau = torch.tensor(result.threshold, dtype=torch.bfloat16)
+        below, above = (realized(torch.nextafter(tau, torch.tensor(limit, dtype=torch.bfloat16)).item())
+                        for limit in (0.0, math.inf))
+        next_across = above if result.realized_keep > keep_ratio else below  # the next tau towards rho
+        assert (result.realized_keep - keep_ratio) * (next_across - keep_ratio) < 0
+        error = abs(result.realized_keep / keep_ratio - 1)
+        assert abs(below / keep_ratio - 1) >= error and abs(above / keep_ratio - 1) >= error
+
+
+def test_threshold_search_compares_counts_beyond_float32_precision_exactly():
+    # 2**25 values in one bin and a single value in a lower bin: keeping 2**25 + 1 must keep both,
+    # which a float32 comparison (2**25 + 1 rounds to 2**25) would miss.
+    origin = histogram_origin(0.0)
+    high, low = float_to_bits(4.0), float_to_bits(1.0)
+    histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int64)
+    histogram[((high - origin) >> BIN_SHIFT) % HISTOGRAM_BINS] = 2**25
+    histogram[((low - origin) >> BIN_SHIFT) % HISTOGRAM_BINS] = 1
+    assert threshold_for_count(histogram, origin, 2**25 + 1) <= 1.0
+    assert threshold_for_count(histogram, origin, 2**25) > 1.0
 
 
 def test_layer_scope_calibration_is_a_no_op():

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsedist.sparsity.layer import key_dtype, top_k_per_sample
+from sparsedist.sparsity.layer import kept_per_sample, key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import (
     HISTOGRAM_BINS,
     KEPT_BINS,
@@ -29,6 +29,7 @@ from sparsedist.sparsity.threshold import (
     float_to_bits,
     histogram_origin,
     threshold_for_count,
+    value_step_bits,
     zero_below,
 )
 
@@ -58,6 +59,7 @@ class _StepCounts:
     origin: int  # histogram origin (bit pattern of the tau in force)
     counts: torch.Tensor
     values_per_site: list[int]
+    step_bits: int  # bit-pattern spacing of the finest dtype counted (1: float32, 2**16: bf16)
 
 
 class SparsitySite(nn.Module):
@@ -98,8 +100,9 @@ class ActivationSparsity:
         self._threshold = 0.0
         self._site_names: list[str] = []
         self._pending: _StepCounts | None = None
-        # The last reduced histogram (host), its origin and value count: lets set_keep_ratio re-choose tau.
-        self._last_histogram: tuple[torch.Tensor, int, int] | None = None
+        # The last reduced histogram (host), its origin, value count and value spacing: lets
+        # set_keep_ratio re-choose tau.
+        self._last_histogram: tuple[torch.Tensor, int, int, int] | None = None
         # Scratch for the integer arithmetic of every site: on CPU a fresh large allocation page-faults
         # on first touch and costs more than the arithmetic itself.
         self._workspace_bytes: torch.Tensor | None = None
@@ -135,7 +138,7 @@ class ActivationSparsity:
         if self._pending is None:
             size = self._histogram_bins + len(self._site_names)
             self._pending = _StepCounts(origin, torch.zeros(size, dtype=torch.int64, device=x.device),
-                                        [0] * len(self._site_names))
+                                        [0] * len(self._site_names), value_step_bits(x.dtype))
         elif self._pending.origin != origin:
             raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
         step = self._pending
@@ -143,6 +146,7 @@ class ActivationSparsity:
             step.counts[:HISTOGRAM_BINS] += histogram
         step.counts[self._histogram_bins + index] += kept
         step.values_per_site[index] += x.numel()
+        step.step_bits = min(step.step_bits, value_step_bits(x.dtype))
 
     # ------------------------------------------------------------------ loop side
     @property
@@ -180,15 +184,15 @@ class ActivationSparsity:
             return 0.0
         if self._last_histogram is None:  # no statistics yet (first step, or just resumed): keep tau
             return self._threshold
-        histogram, origin, values = self._last_histogram
-        return threshold_for_count(histogram, origin, self._keep_ratio * values)
+        histogram, origin, values, step_bits = self._last_histogram
+        return threshold_for_count(histogram, origin, kept_per_sample(values, self._keep_ratio), step_bits)
 
     def finish_step(self, process_group: dist.ProcessGroup | None = None) -> StepStats:
         """All-reduce this step's statistics, return them, and (network scope) choose the next tau."""
         threshold_used = self._threshold
-        histogram, origin, kept, values = self._reduce_pending(process_group)
+        histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
         if self.scope == "network":
-            self._last_histogram = (histogram, origin, sum(values))
+            self._last_histogram = (histogram, origin, sum(values), step_bits)
             self._threshold = self._next_threshold()
         return StepStats(
             realized_keep=sum(kept) / sum(values),
@@ -200,8 +204,10 @@ class ActivationSparsity:
         """Drop this step's statistics (a skipped step); tau and rho stay as they are."""
         self._pending = None
 
-    def _reduce_pending(self, process_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, list[int], list[int]]:
-        """One all-reduce of [histogram | kept per site | values per site]; clears the pending step."""
+    def _reduce_pending(self, process_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, list[int], list[int], int]:
+        """One all-reduce of [histogram | kept per site | values per site]; clears the pending step.
+
+        Returns the histogram, its origin, kept and value counts per site, and the value spacing."""
         step = self._pending
         if step is None:
             raise RuntimeError("no statistics: run a forward with collecting=True since the last finish_step()")
@@ -213,7 +219,7 @@ class ActivationSparsity:
         buffer = buffer.cpu()
         sites = len(self._site_names)
         histogram, kept, values = buffer.split([self._histogram_bins, sites, sites])
-        return histogram, step.origin, kept.tolist(), values.tolist()
+        return histogram, step.origin, kept.tolist(), values.tolist(), step.step_bits
 
     # ------------------------------------------------------------------ evaluation
     def set_regime(self, keep_ratio: float, threshold: float | None = None) -> None:
@@ -246,7 +252,8 @@ class ActivationSparsity:
         Each pass measures the realized keep ratio at the current tau and proposes the next tau from
         that pass's own histogram (a fixed-point iteration: later sites see the earlier sites'
         masks). Proposals are kept inside the bracket of taus known to keep too much / too little,
-        bisecting in bit space otherwise. Returns the best tau measured. Layer scope: nothing to do.
+        bisecting in bit space otherwise; in bf16 both move on the grid of bf16 values, so every pass
+        tries a tau that keeps a different set. Returns the best tau measured. Layer scope: nothing to do.
         """
         keep_ratio = _check_keep_ratio(keep_ratio)
         if self.scope == "layer":
@@ -261,7 +268,7 @@ class ActivationSparsity:
             for iteration in range(1, max_iters + 1):
                 self._threshold = bits_to_float(tau_bits)
                 run_forward()
-                histogram, origin, kept, values = self._reduce_pending(process_group)
+                histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
                 realized = sum(kept) / sum(values)
                 error = abs(realized / keep_ratio - 1.0)
                 if best is None or error < best[0]:
@@ -272,10 +279,14 @@ class ActivationSparsity:
                     keeps_too_much = max(keeps_too_much, tau_bits)
                 else:
                     keeps_too_little = min(keeps_too_little, tau_bits)
-                proposal = float_to_bits(threshold_for_count(histogram, origin, keep_ratio * sum(values)))
+                target = kept_per_sample(sum(values), keep_ratio)
+                proposal = float_to_bits(threshold_for_count(histogram, origin, target, step_bits))
+                if proposal in (keeps_too_much, keeps_too_little):  # a tried tau: its untried neighbour inside
+                    proposal += step_bits if proposal == keeps_too_much else -step_bits
                 if not keeps_too_much < proposal < keeps_too_little:
-                    proposal = (keeps_too_much + keeps_too_little) // 2
-                if proposal == tau_bits:  # no tau can do better (e.g. rho above the positive fraction)
+                    # Bisect on the values' own grid: bf16 taus between two bf16 values all keep the same.
+                    proposal = (keeps_too_much + keeps_too_little) // 2 // step_bits * step_bits
+                if proposal <= keeps_too_much:  # no untried tau inside the bracket (e.g. rho above the positive fraction)
                     break
                 tau_bits = proposal
         finally:

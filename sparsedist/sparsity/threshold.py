@@ -26,6 +26,8 @@ HISTOGRAM_BINS = 1 << 16
 KEPT_BINS = HISTOGRAM_BINS // 2  # stored indices of the bins r >= 0 (non-negative offsets from origin)
 _MAGNITUDE = 0x7FFFFFFF  # clears the sign bit: relu(-0.0) is -0.0, which must count as zero
 _LARGEST_BITS = 0x7F800000  # +inf; tau never goes above it
+# Low mantissa bits that are always zero once a narrower float is widened to float32 (23 - its 7 or 10).
+_VALUE_STEP_BITS = {torch.bfloat16: 1 << 16, torch.float16: 1 << 13}
 
 
 def float_to_bits(value: float) -> int:
@@ -60,14 +62,22 @@ def bit_histogram(x: torch.Tensor, origin: int, workspace: torch.Tensor | None =
     return counts.index_add_(0, bins, torch.ones((), dtype=torch.int64, device=x.device).expand(bins.numel()))
 
 
-def threshold_for_count(histogram: torch.Tensor, origin: int, target: float) -> float:
+def value_step_bits(dtype: torch.dtype) -> int:
+    """Spacing of `dtype`'s values in float32 bit patterns: bf16 values widen to patterns 2**16 apart."""
+    return _VALUE_STEP_BITS.get(dtype, 1)
+
+
+def threshold_for_count(histogram: torch.Tensor, origin: int, target: int, step_bits: int = 1) -> float:
     """The tau that keeps about `target` values of a histogram made with `origin` (0.0: keep everything).
 
     Bins are walked from the top; inside the bin where the count reaches `target` tau is interpolated
-    linearly in bit space (the bin spans 1/128 of a binade, so the density is nearly flat there).
+    linearly in bit space (the bin spans 1/128 of a binade, so the density is nearly flat there) and
+    rounded to the nearest multiple of `step_bits`, the spacing of the values counted: a bf16 bin
+    holds one value, which is then kept or dropped whole, whichever lands nearer the target.
     Values in the bin holding bit pattern 0 (zeros, and subnormals below ~1e-40) never survive a
     positive tau, so when `target` reaches the count above that bin nothing can be removed: tau = 0.
-    Pure integer and float arithmetic on the histogram, so equal inputs give the bitwise-equal tau.
+    Counts are compared as integers (a float target would promote them to float32, inexact above
+    2**24), so equal inputs give the bitwise-equal tau.
     """
     histogram = histogram.cpu()
     # Reorder from storage (r mod 2**16) to ascending offsets r = -2**15 ... 2**15 - 1.
@@ -81,9 +91,10 @@ def threshold_for_count(histogram: torch.Tensor, origin: int, target: float) -> 
     index = int((at_or_above >= target).nonzero()[-1].item())
     in_bin = positive[index].item()
     above = at_or_above[index].item() - in_bin
-    fraction_kept = (target - above) / in_bin
+    steps_in_bin = (1 << BIN_SHIFT) // step_bits
+    steps_kept = round((target - above) / in_bin * steps_in_bin)
     bin_low = origin + ((first + index - KEPT_BINS) << BIN_SHIFT)
-    tau_bits = bin_low + (1 << BIN_SHIFT) - round(fraction_kept * (1 << BIN_SHIFT))
+    tau_bits = -(-(bin_low + (1 << BIN_SHIFT)) // step_bits) * step_bits - steps_kept * step_bits
     return bits_to_float(min(tau_bits, _LARGEST_BITS))
 
 
