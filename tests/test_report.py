@@ -125,17 +125,42 @@ def summary_row(sweep_dir, keep, label):
     return [cell.strip() for cell in line.strip("|").split("|")][1:]
 
 
+def welch_p(sweep_dir, lr, keep):
+    p_value = scipy_stats.ttest_ind(group_values(sweep_dir, "fixed", lr, keep), group_values(sweep_dir, "dense", lr, keep),
+                                    equal_var=False).pvalue
+    return float(p_value)
+
+
+def holm_of_two(p_values):
+    """Holm for a family of two, by hand: the smaller p doubled (at most 1), the larger kept unless below that."""
+    small, large = sorted(p_values)
+    return {small: min(1.0, 2 * small), large: max(min(1.0, 2 * small), large)}
+
+
 @pytest.mark.parametrize("keep", ["1.00", "0.20"])
 def test_summary_statistics_match_scipy_against_the_dense_group_of_the_same_lr(sweep_dir, keep):
     for lr in (0.05, 0.1):
-        fixed, dense = group_values(sweep_dir, "fixed", lr, keep), group_values(sweep_dir, "dense", lr, keep)
-        n, mean, std, interval, p_value = summary_row(sweep_dir, keep, f"controller=fixed, optim.lr={lr}")
+        fixed = group_values(sweep_dir, "fixed", lr, keep)
+        n, mean, std, interval, p_value, holm_p = summary_row(sweep_dir, keep, f"controller=fixed, optim.lr={lr}")
         low, high = scipy_stats.t.interval(0.95, 1, loc=np.mean(fixed), scale=scipy_stats.sem(fixed))
         assert (int(n), mean, std) == (2, f"{np.mean(fixed):.4f}", f"{np.std(fixed, ddof=1):.4f}")
-        assert interval == f"[{low:.4f}, {high:.4f}]"
-        expected_p = scipy_stats.ttest_ind(fixed, dense, equal_var=False).pvalue
+        assert interval == f"[{max(low, 0.0):.4f}, {min(high, 1.0):.4f}]"  # accuracy intervals stay inside [0, 1]
+        expected_p = welch_p(sweep_dir, lr, keep)
         assert p_value == ("–" if np.isnan(expected_p) else f"{expected_p:.4f}")
-        assert summary_row(sweep_dir, keep, f"controller=dense, optim.lr={lr}")[-1] == "reference"
+        # The family is the group's two keep ratios (1.00 and 0.20).
+        family = [welch_p(sweep_dir, lr, key) for key in ("1.00", "0.20")]
+        if np.isnan(family).any():
+            assert holm_p == ("–" if np.isnan(expected_p) else f"{expected_p:.4f}")
+        else:
+            assert holm_p == f"{holm_of_two(family)[expected_p]:.4f}"
+        assert summary_row(sweep_dir, keep, f"controller=dense, optim.lr={lr}")[-2:] == ["reference", "reference"]
+
+
+def test_summary_counts_stopped_and_failed_trials_of_each_group(sweep_dir):
+    text = open(os.path.join(sweep_dir, SUMMARY_MD)).read()
+    section = text.split("## Trials per group\n")[1].split("##")[0]
+    assert "| controller=dense, optim.lr=0.05 | 4 | 2 | 1 | 1 |" in section  # t08 stopped, t09 failed
+    assert "| controller=fixed, optim.lr=0.1 | 2 | 2 | 0 | 0 |" in section
 
 
 def test_summary_names_the_best_configuration_and_counts_statuses(sweep_dir):
@@ -184,8 +209,8 @@ def test_report_draws_figures_and_table_for_a_sweep_and_a_run(sweep_dir, tmp_pat
         assert figure_is_drawn(tmp_path / "report" / name), name
     text = open(page).read()
     dense = group_values(sweep_dir, "dense", 0.1, "1.00")
-    half_width = scipy_stats.t.ppf(0.975, 1) * scipy_stats.sem(dense)
-    assert f"controller=dense, optim.lr=0.1 | 2 | {np.mean(dense):.4f} ± {half_width:.4f} |" in text
+    low, high = scipy_stats.t.interval(0.95, 1, loc=np.mean(dense), scale=scipy_stats.sem(dense))
+    assert f"controller=dense, optim.lr=0.1 | 2 | {np.mean(dense):.4f} [{max(low, 0):.4f}, {min(high, 1):.4f}] |" in text
     assert f"| t05 | 1 | {independent_selection(single_run)[0]['eval']['test']['1.00']:.4f} |" in text
     assert "![Accuracy vs keep ratio](accuracy_vs_keep.png)" in text
 

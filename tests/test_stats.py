@@ -3,7 +3,7 @@ import math
 import pytest
 from scipy import stats as scipy_stats
 
-from sparsedist.report.stats import group_stats, welch_t_test
+from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats, holm, welch_t_test
 
 
 def test_group_stats_match_hand_arithmetic():
@@ -60,3 +60,23 @@ def test_welch_matches_scipy_unequal_variance_ttest(a, b):
 def test_welch_is_undefined_without_two_values_or_any_spread():
     assert math.isnan(welch_t_test([0.9], [0.8, 0.85]).p_value)
     assert math.isnan(welch_t_test([0.9, 0.9], [0.8, 0.8]).p_value)
+
+
+def test_accuracy_interval_is_clipped_to_zero_one():
+    # Three seeds near 1: mean 0.98, s = 0.02, half width t(0.975, 2) * 0.02 / sqrt(3) = 4.302653 * 0.011547 = 0.04968.
+    raw, clipped = group_stats([0.96, 0.98, 1.0]), group_stats([0.96, 0.98, 1.0], bounds=ACCURACY_BOUNDS)
+    assert raw.ci_high == pytest.approx(0.98 + 0.04968, abs=1e-5) and raw.ci_high > 1
+    assert (clipped.ci_low, clipped.ci_high) == (pytest.approx(raw.ci_low), 1.0)
+    assert group_stats([0.0, 0.02, 0.04], bounds=ACCURACY_BOUNDS).ci_low == 0.0
+
+
+def test_holm_matches_hand_arithmetic():
+    # Sorted 0.01, 0.02, 0.04, 0.30 (m = 4): 4 * 0.01 = 0.04; 3 * 0.02 = 0.06; 2 * 0.04 = 0.08; 1 * 0.30 = 0.30.
+    assert holm([0.04, 0.30, 0.01, 0.02]) == pytest.approx([0.08, 0.30, 0.04, 0.06])
+    # Step-down monotonicity: 3 * 0.011 = 0.033 < 4 * 0.01 = 0.04, so it is raised to 0.04; 2 * 0.6 caps at 1.
+    assert holm([0.01, 0.011, 0.6, 0.7]) == pytest.approx([0.04, 0.04, 1.0, 1.0])
+
+
+def test_holm_leaves_undefined_p_values_out_of_the_family():
+    adjusted = holm([0.02, math.nan, 0.03])
+    assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.04) and math.isnan(adjusted[1])

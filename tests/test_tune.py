@@ -33,7 +33,7 @@ SWEEP_SCRIPT = """
 import json, sys
 from sparsedist.launch.tune import run_sweep, sweep_spec
 args = json.loads(sys.argv[1])
-spec = sweep_spec("smoke", args["space"], overrides=args["overrides"])
+spec = sweep_spec("smoke", args["space"], overrides=args["overrides"], scheduler="asha")
 trials = run_sweep(spec, args["sweep_dir"], max_concurrent=2, resume=args["resume"])
 print("SWEEP DONE", {t.trial_id: t.status for t in trials})
 """
@@ -91,8 +91,29 @@ def test_repeating_a_grid_only_space_is_refused(tmp_path):
 def test_unknown_scheduler_and_loss_metric_mode(tmp_path):
     space = write_space(tmp_path, "run.seed: {grid: [0]}")
     with pytest.raises(SpaceError, match="--scheduler"):
-        sweep_spec("smoke", space, scheduler="pbt")
+        sweep_spec("smoke", space, scheduler="hyperband")
     assert sweep_spec("smoke", space, metric="train/loss").mode == "min"
+
+
+@pytest.mark.parametrize("space_text, scheduler", [
+    ("run.seed: {grid: [0, 1]}\ncontroller.tighten_pct: {uniform: [0.01, 0.1]}", "fifo"),  # a seed study
+    ("controller.tighten_pct: {grid: [0.01, 0.1]}\ncontroller.cooldown: {grid: [1, 2]}", "fifo"),  # grids only
+    ("controller.tighten_pct: {uniform: [0.01, 0.1]}\ncontroller.cooldown: {grid: [1, 2]}", "asha"),
+])
+def test_seed_studies_and_grids_run_fifo_unless_asha_is_asked_for(tmp_path, space_text, scheduler):
+    space = write_space(tmp_path, space_text)
+    assert sweep_spec("smoke", space).scheduler == scheduler
+    asked = sweep_spec("smoke", space, scheduler="asha", grace_period=2, reduction_factor=3)
+    assert (asked.scheduler, asked.grace_period, asked.reduction_factor) == ("asha", 2, 3)
+
+
+def test_asha_settings_are_refused_without_asha(tmp_path):
+    space = write_space(tmp_path, "run.seed: {grid: [0, 1]}")
+    with pytest.raises(SpaceError) as caught:
+        sweep_spec("smoke", space, grace_period=2, reduction_factor=1)
+    message = caught.value.format()
+    assert "--grace-period: is an ASHA setting; the sweep's scheduler is fifo" in message
+    assert "--reduction-factor: must be >= 2" in message
 
 
 def test_existing_sweep_needs_resume_and_resume_needs_the_same_sweep(tmp_path):

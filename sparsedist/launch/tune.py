@@ -30,7 +30,7 @@ from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_
 from sparsedist.launch.train import make_trainer, write_json_atomic
 from sparsedist.logging import flatten_epoch
 from sparsedist.report.runs import is_run_dir, read_run
-from sparsedist.report.sweep import (CSV_FILE, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
+from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
                                      read_sweep_file, read_trials, record_trial_error, write_sweep_results,
                                      write_trial_file)
 
@@ -39,7 +39,7 @@ TUNE_DIR = "tune"
 # A trial actor only drives its Train run (the workers hold the scaling resources): it reserves a sliver
 # of a CPU so that the drivers of concurrent trials never starve their own workers.
 DRIVER_CPUS = 0.1
-# ASHA: every trial gets at least one epoch; each rung keeps the better half.
+# ASHA: by default every trial gets at least one epoch; each rung keeps the better half.
 ASHA_GRACE_EPOCHS = 1
 ASHA_REDUCTION_FACTOR = 2
 SCHEDULERS = ("asha", "fifo")
@@ -59,25 +59,52 @@ class SweepSpec:
     mode: str = "max"  # "min" for a loss
     scheduler: str = "asha"
     num_samples: int = 1  # samples of the random dimensions; grids are crossed with every sample
+    grace_period: int | None = None  # ASHA only: epochs before a trial can be stopped
+    reduction_factor: int | None = None  # ASHA only: 1/reduction_factor of the trials go on at each rung
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def default_scheduler(space: Any) -> str:
+    """FIFO for a seed study or a grid (a `run.seed` grid, or grids only): ASHA would cut seeds and slow-starting
+    sparse arms early, and the statistics count completed trials only. ASHA for anything sampled."""
+    dimensions = space if isinstance(space, dict) else {}
+    grids = [path for path, spec in dimensions.items() if isinstance(spec, dict) and "grid" in spec]
+    return "fifo" if dimensions and (SEED_PATH in grids or len(grids) == len(dimensions)) else "asha"
+
+
 def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
-               scheduler: str = "asha", num_samples: int = 1) -> SweepSpec:
-    """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set)."""
-    if scheduler not in SCHEDULERS:
-        raise SpaceError([("--scheduler", f"must be one of {', '.join(SCHEDULERS)}", scheduler)])
+               scheduler: str | None = None, num_samples: int = 1, grace_period: int | None = None,
+               reduction_factor: int | None = None) -> SweepSpec:
+    """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set); without a
+    scheduler, `default_scheduler` picks one from the space."""
+    problems = []
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        problems.append(("--scheduler", f"must be one of {', '.join(SCHEDULERS)}", scheduler))
     if num_samples < 1:
-        raise SpaceError([("--num-samples", "must be >= 1", num_samples)])
+        problems.append(("--num-samples", "must be >= 1", num_samples))
+    if grace_period is not None and grace_period < 1:
+        problems.append(("--grace-period", "must be >= 1 epoch", grace_period))
+    if reduction_factor is not None and reduction_factor < 2:
+        problems.append(("--reduction-factor", "must be >= 2", reduction_factor))
     try:
         space = yaml.safe_load(Path(space_file).read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise SpaceError([(space_file, f"cannot read the search space: {error}", None)]) from None
+        problems.append((space_file, f"cannot read the search space: {error}", None))
+        space = None
+    scheduler = scheduler or default_scheduler(space)
+    if scheduler != "asha":
+        problems += [(flag, f"is an ASHA setting; the sweep's scheduler is {scheduler} (pass --scheduler asha)", value)
+                     for flag, value in (("--grace-period", grace_period), ("--reduction-factor", reduction_factor))
+                     if value is not None]
+    if problems:
+        raise SpaceError(problems)
     base = apply_overrides(load_source(config), list(overrides))
     mode = "min" if metric.endswith("loss") else "max"
-    return SweepSpec(base=base, space=space, metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples)
+    asha = {"grace_period": grace_period or ASHA_GRACE_EPOCHS, "reduction_factor": reduction_factor or ASHA_REDUCTION_FACTOR}
+    return SweepSpec(base=base, space=space, metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
+                     **(asha if scheduler == "asha" else {}))
 
 
 def check_sweep(spec: SweepSpec) -> tuple[SearchSpace, list[Config]]:
@@ -164,7 +191,7 @@ def _open_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
         differences = sorted(k for k in stored.keys() | spec.to_dict().keys() if stored.get(k) != spec.to_dict().get(k))
         if differences:
             raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} "
-                             "(resume with the same --config, --space, --set, --metric, --scheduler and --num-samples)")
+                             "(resume with the same --config, --space, --set, --metric, --scheduler, --num-samples and scheduler settings)")
         return
     if os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
         raise SweepError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or choose another --sweep-dir")
@@ -197,8 +224,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:  # a fresh sweep, or one interrupted before Tune saved any state
             max_epochs = max(c.train.epochs for c in corner_configs)
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=ASHA_GRACE_EPOCHS,
-                                       reduction_factor=ASHA_REDUCTION_FACTOR)
+            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=spec.grace_period,
+                                       reduction_factor=spec.reduction_factor)
                          if spec.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
                 trainable,
@@ -228,7 +255,13 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="samples of the random dimensions; grid dimensions are crossed with each (default 1)")
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at once (default: as many as the cluster fits by each trial's scaling)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="asha", help="asha (early stopping) or fifo")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                        help="asha (early stopping) or fifo (every trial to the end); default: fifo for a space with a "
+                             "run.seed grid or of grids only (seed studies), else asha")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help=f"ASHA: epochs every trial runs before it can be stopped (default {ASHA_GRACE_EPOCHS})")
+    parser.add_argument("--reduction-factor", type=int, default=None,
+                        help=f"ASHA: 1 in this many trials goes on at each rung (default {ASHA_REDUCTION_FACTOR})")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"per-epoch metric to optimize (default {DEFAULT_METRIC})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base config field by dotted path (repeatable)")
@@ -241,7 +274,8 @@ def tune_from_args(args: argparse.Namespace) -> int:
     sweep_dir = args.sweep_dir or os.path.join("sweeps", Path(args.space).stem)
     try:
         spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
-                          num_samples=args.num_samples)
+                          num_samples=args.num_samples, grace_period=args.grace_period,
+                          reduction_factor=args.reduction_factor)
         trials = run_sweep(spec, sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume)
     except ConfigError as error:  # SpaceError included
         print(error.format(), file=sys.stderr)

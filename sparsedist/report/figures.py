@@ -1,7 +1,7 @@
 """Report figures as PNG files, drawn on matplotlib `Figure` objects (Agg canvas, no pyplot state).
 
 - accuracy vs keep ratio: one curve per run or group, the validation-selected checkpoint's test
-  accuracy, with the 95% interval across seeds as a band where a group has two or more runs;
+  accuracy, with the 95% interval across seeds (clipped to [0, 1]) as a band where a group has two or more runs;
 - the keep-ratio trajectory over training: requested rho and realized keep per logged step, with
   the controller's tighten and relax/reset decisions marked;
 - train vs validation accuracy per epoch (the overfitting picture), selected epoch marked.
@@ -17,7 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from sparsedist.logging import regime_key
 from sparsedist.report.runs import RunRecords, selected_test
-from sparsedist.report.stats import group_stats
+from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
 
 MAX_PANELS = 12  # per-run figures show at most this many runs
 PANEL_SIZE = (4.5, 3.0)  # inches
@@ -60,7 +60,7 @@ def plot_accuracy_vs_keep(series: list[Series], path: str) -> None:
         keys = sorted(by_key, key=float)
         if not keys:
             continue
-        stats = [group_stats(by_key[k]) for k in keys]
+        stats = [group_stats(by_key[k], bounds=ACCURACY_BOUNDS) for k in keys]
         x = [float(k) for k in keys]
         ratios.update(x)
         n = max(s.n for s in stats)

@@ -15,7 +15,7 @@ from typing import Sequence
 from sparsedist.report.figures import (MAX_PANELS, Series, plot_accuracy_vs_keep, plot_inference_cost, plot_keep_trajectories,
                                        plot_train_vs_val)
 from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
-from sparsedist.report.stats import group_stats
+from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
 from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, group_trials, read_trials
 
 REPORT_MD = "report.md"
@@ -68,8 +68,9 @@ def _accuracy_table(series: list[Series]) -> list[str]:
             if not values:
                 cells.append("–")
                 continue
-            stats = group_stats(values)
-            cells.append(f"{stats.mean:.4f}" + (f" ± {stats.ci_high - stats.mean:.4f}" if stats.n >= 2 else ""))
+            stats = group_stats(values, bounds=ACCURACY_BOUNDS)
+            # Clipped to [0, 1], the interval is not symmetric about the mean: both ends are shown.
+            cells.append(f"{stats.mean:.4f}" + (f" [{stats.ci_low:.4f}, {stats.ci_high:.4f}]" if stats.n >= 2 else ""))
         lines.append(f"| {curve.label} | {len(curve.runs)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -87,7 +88,7 @@ def write_report(paths: Sequence[str], out_dir: str, bench_json: str | None = No
         "Inputs: " + ", ".join(f"`{os.path.abspath(p)}`" for p in paths), "",
         "## Test accuracy of the selected checkpoint per keep ratio", "",
         "Each run's checkpoint with the best validation accuracy at eval.select_keep_ratio; for groups the mean "
-        "over seeds ± the half width of the 95% Student-t interval.", "",
+        "over seeds and the 95% Student-t interval, clipped to [0, 1].", "",
         *_accuracy_table(series), "",
     ]
     if len(shown) > MAX_PANELS:

@@ -1,7 +1,8 @@
-"""Across-seed statistics: mean, sample standard deviation, Student-t 95% interval, Welch's t-test.
+"""Across-seed statistics: mean, sample standard deviation, Student-t 95% interval, Welch's t-test
+(scipy's implementations), and Holm's correction of a family of p-values.
 
-The formulas are written out here (scipy supplies only the t distribution) so that tests can check
-them against independent implementations.
+Accuracies live in [0, 1]: `group_stats(..., bounds=ACCURACY_BOUNDS)` clips the interval to it (the
+t-interval of three seeds near 1.0 otherwise reaches past 1).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from scipy.stats import t as student_t
+from scipy import stats as scipy_stats
+
+ACCURACY_BOUNDS = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class GroupStats:
     n: int
     mean: float
     std: float  # sample standard deviation (n - 1 in the denominator); nan when n < 2
-    ci_low: float  # 95% Student-t interval of the mean; nan when n < 2
+    ci_low: float  # 95% Student-t interval of the mean, clipped to `bounds` when given; nan when n < 2
     ci_high: float
 
 
@@ -29,31 +32,42 @@ class WelchTest:
     p_value: float  # two-sided; nan when either group has n < 2 or both have zero variance
 
 
-def _sample_variance(values: Sequence[float]) -> float:
-    mean = sum(values) / len(values)
-    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-
-
-def group_stats(values: Sequence[float], confidence: float = 0.95) -> GroupStats:
+def group_stats(values: Sequence[float], confidence: float = 0.95,
+                bounds: tuple[float, float] | None = None) -> GroupStats:
     """n, mean, sample std and the `confidence` Student-t interval of the mean of `values`."""
     n = len(values)
     if n == 0:
         raise ValueError("group_stats needs at least one value")
-    mean = sum(values) / n
+    mean = math.fsum(values) / n
     if n < 2:
         return GroupStats(n, mean, math.nan, math.nan, math.nan)
-    std = math.sqrt(_sample_variance(values))
-    half_width = student_t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    return GroupStats(n, mean, std, mean - half_width, mean + half_width)
+    std = float(scipy_stats.tstd(values))
+    if std == 0:  # scipy's interval of a zero-width scale is undefined; the mean is the whole interval
+        low = high = mean
+    else:
+        low, high = map(float, scipy_stats.t.interval(confidence, n - 1, loc=mean, scale=scipy_stats.sem(values)))
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return GroupStats(n, mean, std, low, high)
 
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchTest:
     """Two-sided Welch's t-test of mean(a) != mean(b), without assuming equal variances."""
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or scipy_stats.tvar(a) + scipy_stats.tvar(b) == 0:
         return WelchTest(math.nan, math.nan, math.nan)
-    var_a, var_b = _sample_variance(a) / len(a), _sample_variance(b) / len(b)
-    if var_a + var_b == 0:
-        return WelchTest(math.nan, math.nan, math.nan)
-    t = (sum(a) / len(a) - sum(b) / len(b)) / math.sqrt(var_a + var_b)
-    df = (var_a + var_b) ** 2 / (var_a ** 2 / (len(a) - 1) + var_b ** 2 / (len(b) - 1))
-    return WelchTest(t, df, 2 * student_t.sf(abs(t), df))
+    result = scipy_stats.ttest_ind(a, b, equal_var=False)
+    return WelchTest(float(result.statistic), float(result.df), float(result.pvalue))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (family-wise error control), in input order.
+
+    The i-th smallest of m defined p-values becomes max over j <= i of min(1, (m - j + 1) * p_(j)); nan
+    entries (tests that could not run) are not part of the family and stay nan.
+    """
+    defined = sorted((p, index) for index, p in enumerate(p_values) if not math.isnan(p))
+    adjusted, running_max = [math.nan] * len(p_values), 0.0
+    for rank, (p, index) in enumerate(defined):
+        running_max = max(running_max, min(1.0, (len(defined) - rank) * p))
+        adjusted[index] = running_max
+    return adjusted

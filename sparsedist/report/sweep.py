@@ -11,7 +11,8 @@ A group is the trials whose sampled values agree on everything but `run.seed`. E
 with its dense reference: the group that trains dense (`controller.strategy: dense`) and agrees with it
 on every sampled value outside `controller` (so Strategy 2 in network scope is compared with dense in
 network scope). Statistics use completed trials only: a trial the scheduler stopped early is a
-truncated run, not a sample of the full-length result.
+truncated run, not a sample of the full-length result; summary.md counts, per group, the trials that
+leaves out. Welch's p-values are Holm-corrected over the keep ratios a group is compared at.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import yaml
 
 from sparsedist.logging import flatten_epoch, flatten_hparams, regime_key
 from sparsedist.report.runs import RunRecords, read_run, selected_test
-from sparsedist.report.stats import GroupStats, group_stats, welch_t_test
+from sparsedist.report.stats import ACCURACY_BOUNDS, GroupStats, group_stats, holm, welch_t_test
 
 SWEEP_FILE = "sweep.yaml"
 TRIALS_DIR = "trials"
@@ -165,24 +166,48 @@ def write_sweep_csv(trials: list[Trial], path: str, metric: str, mode: str) -> N
             writer.writerow(row)
 
 
-def _statistics_table(groups: list[Group], key: str) -> list[str]:
-    lines = ["| group | n | mean | std | 95% CI | Welch p vs dense |", "|---|---:|---:|---:|---|---:|"]
+def _selected_values(group: Group, key: str) -> list[float]:
+    """The selected checkpoint's test accuracy at keep ratio `key`, one value per completed trial."""
+    return [selected_test(t.run)[key] for t in group.completed if key in selected_test(t.run)]
+
+
+def _welch_p_values(group: Group, groups: list[Group], keys: list[str]) -> list[float] | str:
+    """Welch's p against the group's dense reference at every keep ratio, or why there is no test."""
+    if group.dense:
+        return "reference"
+    reference = dense_reference(group, groups)
+    if reference is None:
+        return "no dense group"
+    return [welch_t_test(_selected_values(group, key), _selected_values(reference, key)).p_value for key in keys]
+
+
+def _statistics_tables(groups: list[Group], keys: list[str]) -> list[str]:
+    """Per keep ratio, one row per group; Holm's correction runs over a group's keep ratios (its family)."""
+    tests = [_welch_p_values(group, groups, keys) for group in groups]
+    corrected = [holm(p) if isinstance(p, list) else p for p in tests]
+    lines = []
+    for index, key in enumerate(keys):
+        lines += ["", f"### keep ratio {key}", "",
+                  "| group | n | mean | std | 95% CI | Welch p vs dense | Holm p |", "|---|---:|---:|---:|---|---:|---:|"]
+        for group, p_values, holm_values in zip(groups, tests, corrected):
+            values = _selected_values(group, key)
+            if not values:
+                lines.append(f"| {group.label} | 0 | – | – | – | – | – |")
+                continue
+            stats = group_stats(values, bounds=ACCURACY_BOUNDS)
+            p_cells = ((_number(p_values[index]), _number(holm_values[index])) if isinstance(p_values, list)
+                       else (p_values, p_values))
+            lines.append(f"| {group.label} | {stats.n} | {_number(stats.mean)} | {_number(stats.std)} | "
+                         f"[{_number(stats.ci_low)}, {_number(stats.ci_high)}] | {p_cells[0]} | {p_cells[1]} |")
+    return lines
+
+
+def _status_table(groups: list[Group]) -> list[str]:
+    lines = ["| group | trials | completed | stopped early | failed |", "|---|---:|---:|---:|---:|"]
     for group in groups:
-        values = [selected_test(t.run)[key] for t in group.completed if key in selected_test(t.run)]
-        if not values:
-            lines.append(f"| {group.label} | 0 | – | – | – | – |")
-            continue
-        stats = group_stats(values)
-        reference = dense_reference(group, groups)
-        if group.dense:
-            p_value = "reference"
-        elif reference is None:
-            p_value = "no dense group"
-        else:
-            dense_values = [selected_test(t.run)[key] for t in reference.completed if key in selected_test(t.run)]
-            p_value = _number(welch_t_test(values, dense_values).p_value)
-        lines.append(f"| {group.label} | {stats.n} | {_number(stats.mean)} | {_number(stats.std)} | "
-                     f"[{_number(stats.ci_low)}, {_number(stats.ci_high)}] | {p_value} |")
+        statuses = [t.status for t in group.trials]
+        lines.append(f"| {group.label} | {len(statuses)} | {statuses.count('completed')} | {statuses.count('stopped')} | "
+                     f"{statuses.count('error')} |")
     return lines
 
 
@@ -196,7 +221,8 @@ def _best_lines(groups: list[Group], metric: str, mode: str) -> list[str]:
     for group in groups:
         values = [v for t in group.completed if (v := best_metric(t.run, metric, mode)) is not None]
         if values:
-            group_means.append((group, group_stats(values)))
+            # An accuracy metric's interval stays inside [0, 1]; other metrics (loss, speed) are not clipped.
+            group_means.append((group, group_stats(values, bounds=ACCURACY_BOUNDS if "accuracy" in metric else None)))
     lines = []
     if group_means:
         group, stats = pick(group_means, key=lambda pair: pair[1].mean)
@@ -209,23 +235,29 @@ def _best_lines(groups: list[Group], metric: str, mode: str) -> list[str]:
 
 
 def write_summary_md(trials: list[Trial], path: str, metric: str, mode: str, title: str) -> None:
-    """The best configuration, then per regime and group: n, mean, std, 95% CI, Welch p against dense."""
+    """The best configuration, trial counts per group (stopped and failed ones included), then per regime
+    and group: n, mean, std, 95% CI, Welch p against dense and its Holm correction."""
     groups = group_trials(trials)
     counts = {status: sum(t.status == status for t in trials) for status in ("completed", "stopped", "error")}
     select = {regime_key(t.run.config.eval.select_keep_ratio) for t in trials}
+    keys = regime_keys(trials)
     lines = [
         f"# Sweep {title}", "",
         f"{len(trials)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the scheduler, "
         f"{counts['error']} failed. Sweep metric: `{metric}` ({mode}).", "",
         "## Best configuration", "", *_best_lines(groups, metric, mode), "",
+        "## Trials per group", "",
+        "The statistics below use completed trials only: a trial the scheduler stopped early is a truncated run, "
+        "and a failed one has no result. Here is how many of each group that leaves out.", "",
+        *_status_table(groups), "",
         "## Test accuracy of the selected checkpoint, per keep ratio", "",
         f"The selected checkpoint is each trial's epoch with the best validation accuracy at keep ratio "
         f"{', '.join(sorted(select))} (eval.select_keep_ratio). Across seeds: n, mean, sample std, Student-t 95% "
-        "interval of the mean, and the two-sided Welch's t-test p-value against the dense group with the same "
-        "non-controller values. Completed trials only.",
+        "interval of the mean (clipped to [0, 1]), the two-sided Welch's t-test p-value against the dense group with "
+        f"the same non-controller values, and that p-value Holm-corrected over the {len(keys)} keep ratios compared "
+        "for the group (family-wise error 5% when the Holm p is below 0.05).",
+        *_statistics_tables(groups, keys),
     ]
-    for key in regime_keys(trials):
-        lines += ["", f"### keep ratio {key}", "", *_statistics_table(groups, key)]
     with open(path, "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
 
