@@ -116,6 +116,54 @@ def test_asha_settings_are_refused_without_asha(tmp_path):
     assert "--reduction-factor: must be >= 2" in message
 
 
+def test_concurrency_beyond_the_embedded_cluster_is_refused_with_the_numbers():
+    from sparsedist.config import ScalingConfig
+    from sparsedist.launch.tune import trial_concurrency
+
+    one_cpu, half_cpu = ScalingConfig(cpus_per_worker=1.0), ScalingConfig(cpus_per_worker=0.5)
+    assert trial_concurrency(None, one_cpu, {"CPU": 2.0}, attached=False) == 1  # 2 / (1 + 0.1 driver)
+    assert trial_concurrency(None, half_cpu, {"CPU": 2.0}, attached=False) == 3  # 2 / 0.6
+    assert trial_concurrency(None, ScalingConfig(cpus_per_worker=1.0), {"CPU": 3.3}, attached=False) == 3
+    with pytest.raises(SweepError) as caught:
+        trial_concurrency(2, one_cpu, {"CPU": 2.0}, attached=False)
+    assert str(caught.value) == ("2 trial(s) at once do not fit: each trial holds 1.1 CPUs (1 worker(s) x 1 CPU + 0.1 CPU "
+                                 "for its driver) and the cluster has 2 CPUs, so 1 fit at once: pass --max-concurrent 1 "
+                                 "or leave it out (the embedded cluster never grows)")
+    with pytest.raises(SweepError, match="holds 2.1 CPUs .* so 0 fit at once: lower scaling.num_workers"):
+        trial_concurrency(None, ScalingConfig(num_workers=2), {"CPU": 2.0}, attached=False)
+    gpu = ScalingConfig(num_workers=2, use_gpu=True)
+    with pytest.raises(SweepError, match="holds 2.1 CPUs and 2 GPUs .* has 16 CPUs and 2 GPUs, so 1 fit"):
+        trial_concurrency(2, gpu, {"CPU": 16.0, "GPU": 2.0}, attached=False)
+
+
+def test_concurrency_beyond_an_attached_cluster_is_a_warning():
+    from sparsedist.config import ScalingConfig
+    from sparsedist.launch.tune import trial_concurrency
+
+    warnings = []
+    assert trial_concurrency(4, ScalingConfig(), {"CPU": 2.0}, attached=True, warn=warnings.append) == 4
+    assert warnings == ["warning: 4 trial(s) at once do not fit: each trial holds 1.1 CPUs (1 worker(s) x 1 CPU + 0.1 "
+                        "CPU for its driver) and the cluster has 2 CPUs, so 1 fit at once; the others wait until the "
+                        "cluster grows (autoscaler) or a trial ends"]
+
+
+@pytest.mark.slow
+def test_tune_command_refuses_more_trials_than_the_embedded_cluster_runs(tmp_path, capsys):
+    import ray
+
+    parser = argparse.ArgumentParser()
+    add_tune_arguments(parser)
+    cpus = os.cpu_count()
+    args = parser.parse_args(["--config", "smoke", "--space", write_space(tmp_path, "run.seed: {grid: [0, 1]}"),
+                              "--sweep-dir", str(tmp_path / "sweep"), "--max-concurrent", str(cpus + 1),
+                              "--set", f"data.root={tmp_path / 'data'}"])
+    assert tune_from_args(args) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"error: {cpus + 1} trial(s) at once do not fit: each trial holds 1.1 CPUs"), message
+    assert f"the cluster has {cpus} CPUs, so {int(cpus / 1.1 + 1e-9)} fit at once" in message
+    assert not (tmp_path / "sweep").exists() and not ray.is_initialized()
+
+
 def test_existing_sweep_needs_resume_and_resume_needs_the_same_sweep(tmp_path):
     space = write_space(tmp_path, "run.seed: {grid: [0]}")
     sweep_dir = tmp_path / "sweep"

@@ -171,18 +171,47 @@ def largest_scaling(configs: list[Config]) -> ScalingConfig:
     return max((c.scaling for c in configs), key=lambda s: (s.use_gpu, s.num_workers * s.cpus_per_worker))
 
 
-def default_concurrency(scaling: ScalingConfig) -> int:
-    """As many trials as the cluster fits at once (each: its workers plus its driver's sliver)."""
-    import ray
+def trial_cpus(scaling: ScalingConfig) -> float:
+    """CPUs one trial holds while it runs: its workers plus its driver's sliver."""
+    return scaling.num_workers * scaling.cpus_per_worker + DRIVER_CPUS
 
-    available = ray.cluster_resources()
-    fits = [math.floor(available.get("CPU", 0) / (scaling.num_workers * scaling.cpus_per_worker + DRIVER_CPUS))]
+
+def trials_that_fit(scaling: ScalingConfig, resources: dict[str, float]) -> int:
+    """How many trials of this scaling the cluster's resources run at once (0: not even one)."""
+    # The epsilon keeps float quotients such as 3.3 / 1.1 = 2.9999999999999996 from flooring to 2.
+    fits = [math.floor(resources.get("CPU", 0) / trial_cpus(scaling) + 1e-9)]
     if scaling.use_gpu:
-        fits.append(math.floor(available.get("GPU", 0) / scaling.num_workers))
-    return max(1, min(fits))
+        fits.append(math.floor(resources.get("GPU", 0) / scaling.num_workers))
+    return min(fits)
 
 
-def _open_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
+def trial_concurrency(requested: int | None, scaling: ScalingConfig, resources: dict[str, float], *,
+                      attached: bool, warn=partial(print, file=sys.stderr)) -> int:
+    """Trials at once: `requested`, or as many as fit. More than fit is refused on the embedded cluster (the
+    extra trials' worker groups would cycle through start-up time-outs until a slot frees) and only warned
+    about on an attached cluster, whose autoscaler may add nodes."""
+    fits = trials_that_fit(scaling, resources)
+    if requested is not None and requested < 1:
+        raise SweepError(f"--max-concurrent must be >= 1, got {requested}")
+    if requested is None and fits >= 1:
+        return fits
+    wanted = requested or 1
+    if wanted <= fits:
+        return wanted
+    need = f"{trial_cpus(scaling):g} CPUs" + (f" and {scaling.num_workers} GPUs" if scaling.use_gpu else "")
+    have = f"{resources.get('CPU', 0):g} CPUs" + (f" and {resources.get('GPU', 0):g} GPUs" if scaling.use_gpu else "")
+    problem = (f"{wanted} trial(s) at once do not fit: each trial holds {need} ({scaling.num_workers} worker(s) x "
+               f"{scaling.cpus_per_worker:g} CPU + {DRIVER_CPUS:g} CPU for its driver) and the cluster has {have}, "
+               f"so {fits} fit at once")
+    if attached:
+        warn(f"warning: {problem}; the others wait until the cluster grows (autoscaler) or a trial ends")
+        return wanted
+    remedy = f"pass --max-concurrent {fits} or leave it out" if fits else "lower scaling.num_workers or scaling.cpus_per_worker"
+    raise SweepError(f"{problem}: {remedy} (the embedded cluster never grows)")
+
+
+def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
+    """Refuse a sweep directory that holds another sweep, or a resume with nothing (or another sweep) to resume."""
     stored_path = os.path.join(sweep_dir, SWEEP_FILE)
     if resume:
         if not os.path.isfile(stored_path):
@@ -192,11 +221,13 @@ def _open_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
         if differences:
             raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} "
                              "(resume with the same --config, --space, --set, --metric, --scheduler, --num-samples and scheduler settings)")
-        return
-    if os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
+    elif os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
         raise SweepError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or choose another --sweep-dir")
+
+
+def write_sweep_file(spec: SweepSpec, sweep_dir: str) -> None:
     os.makedirs(sweep_dir, exist_ok=True)
-    with open(stored_path, "w", encoding="utf-8") as handle:
+    with open(os.path.join(sweep_dir, SWEEP_FILE), "w", encoding="utf-8") as handle:
         yaml.safe_dump(spec.to_dict(), handle, sort_keys=False)
 
 
@@ -212,14 +243,20 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
 
     space, corner_configs = check_sweep(spec)
     sweep_dir = os.path.abspath(sweep_dir)
-    _open_sweep_dir(spec, sweep_dir, resume)
-    # Once, here: data problems fail before any trial, and the trials find their files ready.
-    for data in {c.data.model_dump_json(): c.data for c in corner_configs}.values():
-        prepare(data)
+    check_sweep_dir(spec, sweep_dir, resume)
     scaling = largest_scaling(corner_configs)
     trainable = tune.with_resources(partial(trial_driver, spec=spec.to_dict(), sweep_dir=sweep_dir), {"cpu": DRIVER_CPUS})
     tune_dir = os.path.join(sweep_dir, TUNE_DIR)
     with ray_session(scaling, resource_wait_s=resource_wait_s):
+        import ray
+
+        concurrency = trial_concurrency(max_concurrent, scaling, ray.cluster_resources(),
+                                        attached=bool(os.environ.get("RAY_ADDRESS")))
+        if not resume:  # written only once the sweep can run: a refused launch leaves no directory to --resume
+            write_sweep_file(spec, sweep_dir)
+        # Once, here: data problems fail before any trial, and the trials find their files ready.
+        for data in {c.data.model_dump_json(): c.data for c in corner_configs}.values():
+            prepare(data)
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:  # a fresh sweep, or one interrupted before Tune saved any state
@@ -234,7 +271,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                     metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
                     # Seeded sampling: the same sweep samples the same configurations. (Tune ignores
                     # TuneConfig.max_concurrent_trials once a generator is given: the generator limits it.)
-                    search_alg=BasicVariantGenerator(max_concurrent=max_concurrent or default_concurrency(scaling),
+                    search_alg=BasicVariantGenerator(max_concurrent=concurrency,
                                                      random_state=validate(spec.base).run.seed),
                     trial_dirname_creator=trial_dirname,
                 ),
@@ -254,7 +291,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-samples", type=int, default=1,
                         help="samples of the random dimensions; grid dimensions are crossed with each (default 1)")
     parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at once (default: as many as the cluster fits by each trial's scaling)")
+                        help="trials at once (default: as many as the cluster fits by each trial's scaling; more than "
+                             "fit is refused on the embedded cluster, warned about on an attached one)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
                         help="asha (early stopping) or fifo (every trial to the end); default: fifo for a space with a "
                              "run.seed grid or of grids only (seed studies), else asha")
