@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparsedist.sparsity import kernels
 from sparsedist.sparsity.layer import kept_per_sample, key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import (
     HISTOGRAM_BINS,
@@ -89,12 +90,16 @@ class ActivationSparsity:
 
     Network scope: tau for step t is chosen from step t-1's all-reduced statistics (step 0 is dense);
     `set_keep_ratio` re-chooses it from the same statistics for the controller's new rho.
+
+    `use_kernels`: run the Triton kernels (`sparsity.kernels`, bitwise the same results) where they
+    apply; None means on CUDA tensors only. True on CPU needs TRITON_INTERPRET=1 (tests).
     """
 
-    def __init__(self, scope: Scope, keep_ratio: float = 1.0):
+    def __init__(self, scope: Scope, keep_ratio: float = 1.0, use_kernels: bool | None = None):
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
         self.scope = scope
+        self.use_kernels = use_kernels
         self.collecting = True
         self._keep_ratio = _check_keep_ratio(keep_ratio)
         self._threshold = 0.0
@@ -115,15 +120,25 @@ class ActivationSparsity:
         return SparsitySite(self, len(self._site_names) - 1, name)
 
     def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        use_kernel = (x.is_cuda if self.use_kernels is None else self.use_kernels) and kernels.supports(x, self.scope)
         if self.scope == "layer":
-            y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
+            if use_kernel:
+                y = kernels.top_k_per_sample(x, self._keep_ratio)
+            else:
+                y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
             if self.collecting:
                 self._record(index, x, kept=torch.count_nonzero(y), histogram=None)
             return y
-        if self.collecting:
-            histogram = bit_histogram(x, histogram_origin(self._threshold), self._workspace(x.numel(), torch.int32, x.device))
-            self._record(index, x, kept=histogram[:KEPT_BINS].sum(), histogram=histogram)
-        return zero_below(x, self._threshold)
+        if not self.collecting:
+            return zero_below(x, self._threshold)
+        origin = histogram_origin(self._threshold)
+        if use_kernel:
+            y, histogram = kernels.zero_below_with_histogram(x, self._threshold, origin)
+        else:
+            y = zero_below(x, self._threshold)
+            histogram = bit_histogram(x, origin, self._workspace(x.numel(), torch.int32, x.device))
+        self._record(index, x, kept=histogram[:KEPT_BINS].sum(), histogram=histogram)
+        return y
 
     def _workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """`numel` scratch elements of `dtype`, reused across sites and steps (grown when too small)."""

@@ -99,7 +99,7 @@ def threshold_for_count(histogram: torch.Tensor, origin: int, target: int, step_
 
 
 @functools.lru_cache(maxsize=64)
-def _largest_below(threshold: float, dtype: torch.dtype) -> float:
+def largest_below(threshold: float, dtype: torch.dtype) -> float:
     """The largest value of `dtype` strictly below `threshold`, so that x > it <=> x >= threshold."""
     below = torch.tensor(threshold, dtype=torch.float64).to(dtype)
     if below.item() >= threshold:
@@ -115,4 +115,4 @@ def zero_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     if threshold <= 0.0:
         return x
-    return F.threshold(x, _largest_below(threshold, x.dtype), 0.0)
+    return F.threshold(x, largest_below(threshold, x.dtype), 0.0)

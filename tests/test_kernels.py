@@ -1,0 +1,135 @@
+"""The Triton kernels against the eager reference, bitwise: outputs, gradients, kept sets, histograms, tau.
+
+Without CUDA they run in Triton's interpreter (conftest sets TRITON_INTERPRET=1), so shapes stay small.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsedist.models import WideResNet
+from sparsedist.sparsity import ActivationSparsity, kernels
+from sparsedist.sparsity.layer import key_dtype, top_k_per_sample
+from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
+
+DTYPES = [torch.float32, torch.bfloat16]
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def site_input(shape: tuple[int, ...], dtype: torch.dtype, layout: torch.memory_format, seed: int) -> torch.Tensor:
+    """Post-ReLU-like values with ties (coarse steps), a few negatives, -0.0 and an odd shape."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.where(x > -0.3, torch.relu(x), x) * 4
+    x = torch.where(x.abs() < 0.5, x, x.round() / 4).to(dtype)
+    x.view(-1)[::7] = -0.0
+    return x.to(DEVICE).contiguous(memory_format=layout)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (so 0.0 != -0.0), with NaN equal to NaN whatever its payload (eager CPU kernels differ there)."""
+    nan = a.isnan()
+    return (a.dtype == b.dtype and torch.equal(nan, b.isnan())
+            and torch.equal(a.masked_fill(nan, 0).view(key_dtype(a.dtype)), b.masked_fill(nan, 0).view(key_dtype(b.dtype))))
+
+
+def forward_and_gradient(select, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.clone().requires_grad_()
+    y = select(x)
+    (y.float() * torch.arange(y.numel(), device=x.device).view(y.shape)).sum().backward()
+    return y.detach(), x.grad
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_kernel_keeps_the_same_k_values_as_the_eager_selection(dtype, layout):
+    x = site_input((3, 5, 7, 9), dtype, layout, seed=0)
+    for keep_ratio in (0.01, 0.2, 0.6):
+        ours, ours_grad = forward_and_gradient(lambda v: kernels.top_k_per_sample(v, keep_ratio), x)
+        reference, reference_grad = forward_and_gradient(lambda v: top_k_per_sample(v, keep_ratio), x)
+        assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
+        assert ours.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_network_kernel_writes_the_eager_output_and_histogram_in_one_pass(dtype, layout):
+    x = site_input((2, 3, 5, 7), dtype, layout, seed=1)
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), 1e-40])  # odd values must bin like the eager path
+    for threshold in (0.0, 0.75):
+        origin = histogram_origin(threshold)
+        (ours, histogram), = [kernels.zero_below_with_histogram(x, threshold, origin)]
+        assert torch.equal(histogram.long(), bit_histogram(x, origin))
+        if threshold == 0.0:
+            assert ours is x
+            continue
+        ours, ours_grad = forward_and_gradient(lambda v: kernels.zero_below_with_histogram(v, threshold, origin)[0], x)
+        reference, reference_grad = forward_and_gradient(lambda v: zero_below(v, threshold), x)
+        assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
+        assert ours.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scope", ["layer", "network"])
+def test_a_model_trains_bitwise_alike_with_kernels_and_with_the_eager_path(scope, dtype):
+    """Two steps (the second in network scope runs with the tau the first chose): outputs, gradients,
+    statistics and tau equal."""
+    runs = []
+    for use_kernels in (True, False):
+        sparsity = ActivationSparsity(scope, keep_ratio=1.0 if scope == "network" else 0.1, use_kernels=use_kernels)
+        torch.manual_seed(0)
+        model = WideResNet(depth=10, widen_factor=1, make_site=sparsity.new_site).to(DEVICE, dtype)
+        model = model.to(memory_format=torch.channels_last)
+        images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+        record = []
+        for step in range(2):
+            model.zero_grad()
+            logits = model(images)
+            logits.float().square().mean().backward()
+            stats = sparsity.finish_step()
+            sparsity.set_keep_ratio(0.1)
+            record += [logits.detach(), [p.grad.clone() for p in model.parameters()], stats, sparsity.threshold]
+        runs.append(record)
+    ours, reference = runs
+    for mine, theirs in zip(ours, reference):
+        if isinstance(mine, list):
+            assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+        elif isinstance(mine, torch.Tensor):
+            assert torch.equal(mine, theirs)
+        else:
+            assert mine == theirs
+    assert ours[-1] > 0.0 or scope == "layer"
+
+
+COMPILE_FOR_HOPPER = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparsedist.sparsity import kernels
+
+for dtype in ("fp32", "bf16"):
+    common = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "IS_BF16": "constexpr", "BLOCK": "constexpr"}
+    network = {**common, "histogram_ptr": "*i32", "numel": "i32", "below": "fp32", "origin": "i32",
+               "zero_bin": "i32", "WRITE": "constexpr"}
+    layer = {**common, "kept_ptr": "*i8", "values_per_sample": "i32", "channels": "i32", "pixels": "i32", "k": "i32",
+             "CHANNELS_LAST": "constexpr", "KEY_PASSES": "constexpr", "INDEX_PASSES": "constexpr"}
+    sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "WRITE": True, "BLOCK": 1024})]
+    sources += [ASTSource(kernels._layer_kernel, layer, {"IS_BF16": dtype == "bf16", "CHANNELS_LAST": channels_last,
+                                                          "KEY_PASSES": 4, "INDEX_PASSES": 2, "BLOCK": 1024})
+                for channels_last in (False, True)]
+    for source in sources:
+        triton.compile(source, target=GPUTarget("cuda", 90, 32))
+"""
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one():
+    # The interpreter runs kernels as Python; the CUDA backend must lower them too (for example, it
+    # rejects an early `return` under a constexpr `if` that the interpreter accepts).
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
