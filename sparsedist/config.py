@@ -280,8 +280,13 @@ class RunConfig(Section):
     seed: int = Field(3407, ge=0, description="Seed of model init, data order and everything random.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (the best by validation is kept too).")
+    init_from: str | None = Field(
+        None, description="Checkpoint directory a new run starts from: weights, optimizer, schedule, controller state "
+        "and epoch continue from it, every setting comes from this config (PBT's exploit uses it). Ignored once the "
+        "run has a checkpoint of its own.",
+    )
 
-    _abs_dir = field_validator("run_dir")(classmethod(lambda cls, v: _absolute(v)))
+    _abs_dir = field_validator("run_dir", "init_from")(classmethod(lambda cls, v: _absolute(v)))
 
     def resolved_run_dir(self) -> str:
         return self.run_dir or os.path.abspath(os.path.join("runs", self.name))

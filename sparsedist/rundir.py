@@ -38,6 +38,7 @@ RESUME_SAFE_FIELDS = (
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
     "data.root", "data.source", "data.download", "data.loader_workers",
     "eval.batch_size", "train.log_every_steps",
+    "run.init_from",  # read only by a run without a checkpoint of its own
 )
 
 

@@ -58,6 +58,10 @@ def train_worker(config: dict[str, Any]) -> None:
     record_pid(run_dir, rank)
 
     resume_state = restored_state(device)
+    if resume_state is None and cfg.run.init_from is not None:
+        # A new run continuing another run's state under this config (PBT's exploit): loaded on the CPU,
+        # the loop moves it onto the model's device.
+        resume_state = load_checkpoint(cfg.run.init_from)
     last_done_epoch = -1 if resume_state is None else resume_state["epoch"]
     loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=last_done_epoch + 1)
 
