@@ -40,8 +40,11 @@ def raise_field_errors(title: str, problems: list[tuple[str, str, Any]]) -> None
 
 
 def _absolute(path: str | None) -> str | None:
-    # Ray Train changes each worker's working directory, so paths are made absolute on load.
-    return None if path is None else os.path.abspath(os.path.expanduser(path))
+    # Ray Train changes each worker's working directory, so paths are made absolute on load; storage
+    # URIs (s3://, gs://, ...) are kept as given.
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # --------------------------------------------------------------------------------------- data
@@ -275,7 +278,8 @@ class ScalingConfig(Section):
 class RunConfig(Section):
     name: str = Field("sparsedist", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (the Ray Train run name).")
     run_dir: str | None = Field(
-        None, description="Absolute run directory (shared storage on clusters); default ./runs/<name>."
+        None, description="Run directory: a path (shared storage on clusters) or a URI such as s3://bucket/runs/x; "
+        "default ./runs/<name>."
     )
     seed: int = Field(3407, ge=0, description="Seed of model init, data order and everything random.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
@@ -285,6 +289,8 @@ class RunConfig(Section):
         "and epoch continue from it, every setting comes from this config (PBT's exploit uses it). Ignored once the "
         "run has a checkpoint of its own.",
     )
+    verbose: bool = Field(False, description="Also log Ray Train's per-report lines (\"Reporting training result ...\"); "
+                          "`--verbose` sets it.")
 
     _abs_dir = field_validator("run_dir", "init_from")(classmethod(lambda cls, v: _absolute(v)))
 
@@ -375,7 +381,15 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 
 
 def load_source(source: str) -> dict[str, Any]:
-    """A YAML file path or a preset name, as a plain dict (not validated)."""
+    """A YAML file path, a storage URI of one (a run's config.yaml on s3://...) or a preset name, as a plain
+    dict (not validated)."""
+    if "://" in source:
+        from sparsedist import storage
+
+        try:
+            return _read_yaml(storage.read_bytes(source).decode("utf-8"), source)
+        except FileNotFoundError:
+            raise ConfigError([("<config>", "no such file in storage", source)]) from None
     if os.path.isfile(source):
         return _read_yaml(Path(source).read_text(), source)
     if source in preset_names():

@@ -21,6 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Protocol, TextIO
 
+from sparsedist import storage
 from sparsedist.atomic import write_atomic
 
 
@@ -53,9 +54,9 @@ class JsonLinesSink:
         self._file.close()
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def read_jsonl(location: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl at a path or a storage URI."""
+    return [json.loads(line) for line in storage.read_bytes(location).decode("utf-8").splitlines() if line.strip()]
 
 
 def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
@@ -190,6 +191,9 @@ class TensorBoardSink:
         self.writer.add_hparams(flatten_hparams(hparams), metrics, run_name=".", global_step=step)
         self.writer.flush()
 
+    def flush(self) -> None:
+        self.writer.flush()
+
     def close(self) -> None:
         self.writer.close()
 
@@ -209,6 +213,9 @@ def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None
         parts[-1] += f" (realized {record['realized_keep']:.3f})"
     parts.append(f"{images_per_sec:,.0f} img/s" if images_per_sec else "-- img/s")
     parts.append(f"ETA {format_duration(eta_s)}" if eta_s is not None else "ETA --")
+    loss = record.get("loss") if record["kind"] == "step" else record.get("train_loss")
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
     if record["kind"] == "step" and record.get("accuracy") is not None:
         parts.append(f"train acc {record['accuracy']:.3f}")
     if record.get("at_chance"):
@@ -218,6 +225,12 @@ def progress_text(record: dict[str, Any], total_epochs: int, eta_s: float | None
         regimes = sorted(evaluation[split].items(), key=lambda item: -float(item[0]))  # dense first
         parts.append(f"{split} " + " ".join(f"{key}:{accuracy:.3f}" for key, accuracy in regimes))
     return "  ".join(parts)
+
+
+def epoch_line(record: dict[str, Any], total_epochs: int, seconds_per_epoch: float) -> str:
+    """The line rank 0 logs at the end of every epoch (what `ray job logs` and non-terminal output show)."""
+    eta = seconds_per_epoch * (total_epochs - record["epoch"] - 1)
+    return progress_text(record, total_epochs, eta, record["images_per_sec"])
 
 
 def record_key(record: dict[str, Any]) -> tuple:

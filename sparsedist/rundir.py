@@ -1,5 +1,7 @@
 """The run directory: what a run writes where, and whether a launch may start, resume or replace it.
 
+The run directory is a local (or shared) path or an object-store URI (see `sparsedist.storage`):
+
     <run_dir>/config.yaml        resolved config (run.run_dir absolute), rewritten at every launch
              metrics.jsonl       step and epoch records (rank 0), the run's history
              tensorboard/        rank 0's event files
@@ -7,10 +9,15 @@
              best/               the checkpoint with the best validation accuracy so far
              checkpoint_manager_snapshot.json   Ray Train's record of the registered checkpoints
              pids/rank<R>.pid    "<host> <pid>" of every worker of the current attempt
+             attempts.jsonl      one line per attempt (rank 0, at its start): start epoch, time, versions,
+                                 commit, device, world size, nodes: restarts and provenance
              summary.json        written when the run completes
 
 Ray Train's storage path is the run directory's parent and its run name the directory's name, so Ray's
 files and ours share one directory, and relaunching with the same run_dir is how Ray resumes.
+Rank 0 writes its files in a node-local mirror (`RunMirror`) and publishes them to the run directory at
+every checkpoint, before Ray registers the checkpoint: the run directory is complete up to its newest
+checkpoint, on any storage. pids/ stays in the mirror (it names processes of that node).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from sparsedist import storage
 from sparsedist.config import Config, apply_overrides, validate
 
 CONFIG_FILE = "config.yaml"
@@ -29,12 +37,13 @@ TENSORBOARD_DIR = "tensorboard"
 BEST_DIR = "best"
 PIDS_DIR = "pids"
 SUMMARY_FILE = "summary.json"
+ATTEMPTS_FILE = "attempts.jsonl"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 # Fields a resumed run may change: where things live, how many resources, how often it logs or keeps
 # checkpoints. Everything else shapes the trajectory, so changing it on resume is refused.
 RESUME_SAFE_FIELDS = (
-    "run.name", "run.run_dir", "run.max_failures", "run.checkpoints_to_keep",
+    "run.name", "run.run_dir", "run.max_failures", "run.checkpoints_to_keep", "run.verbose",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
     "data.root", "data.source", "data.download", "data.loader_workers",
     "eval.batch_size", "train.log_every_steps",
@@ -72,7 +81,7 @@ def with_run_dir(cfg: Config) -> Config:
 
 
 def has_registered_checkpoint(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, RAY_SNAPSHOT_FILE))
+    return storage.is_file(storage.join(run_dir, RAY_SNAPSHOT_FILE))
 
 
 def check_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False) -> Config:
@@ -86,20 +95,19 @@ def check_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = False)
         raise RunDirError("--resume and --overwrite exclude each other")
     cfg = with_run_dir(cfg)
     run_dir = cfg.run.run_dir
-    config_path = os.path.join(run_dir, CONFIG_FILE)
-    exists = os.path.isdir(run_dir) and bool(os.listdir(run_dir))
-    is_run = os.path.isfile(config_path)
+    config_path = storage.join(run_dir, CONFIG_FILE)
+    is_run = storage.is_file(config_path)
+    exists = is_run or storage.is_nonempty_dir(run_dir)
     if exists and not is_run:
         raise RunDirError(f"{run_dir} is not empty and holds no {CONFIG_FILE}: not a sparsedist run directory; "
                           "choose another --run-dir")
     if resume:
         if not is_run:
             raise RunDirError(f"nothing to resume: {run_dir} holds no run")
-        if os.path.isfile(os.path.join(run_dir, SUMMARY_FILE)):
+        if storage.is_file(storage.join(run_dir, SUMMARY_FILE)):
             raise RunDirError(f"the run in {run_dir} already completed ({SUMMARY_FILE} exists); "
                               "use --overwrite to train it again")
-        with open(config_path, encoding="utf-8") as handle:
-            stored = yaml.safe_load(handle)
+        stored = yaml.safe_load(storage.read_bytes(config_path))
         differences = incompatible_fields(stored, cfg.to_dict())
         if differences:
             raise RunDirError(f"cannot resume {run_dir}: the config differs in fields that change training:\n  "
@@ -115,9 +123,38 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
     """`check_run_dir`, then (overwrite: delete the old run) write config.yaml; returns the resolved config."""
     cfg = check_run_dir(cfg, resume=resume, overwrite=overwrite)
     run_dir = cfg.run.run_dir
-    if overwrite and os.path.isdir(run_dir):
-        shutil.rmtree(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
-        handle.write(cfg.to_yaml())
+    if overwrite:
+        storage.delete_dir(run_dir)
+    storage.write_bytes(storage.join(run_dir, CONFIG_FILE), cfg.to_yaml().encode())
     return cfg
+
+
+class RunMirror:
+    """Rank 0's node-local copy of the files it writes (metrics, TensorBoard, best/, attempts), published
+    to the run directory with `publish`. For a local run directory the mirror is the directory itself."""
+
+    PUBLISHED = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, BEST_DIR, ATTEMPTS_FILE)
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.local = storage.working_dir(run_dir, "runs")
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.local, name)
+
+    def restore(self) -> None:
+        """Start from the run directory's published files (a restarted attempt may land on another node,
+        and a stale mirror of an earlier attempt on this node must not leak in)."""
+        if not storage.is_uri(self.run_dir):
+            return
+        shutil.rmtree(self.local, ignore_errors=True)
+        os.makedirs(self.local)
+        for name in self.PUBLISHED:
+            storage.download(storage.join(self.run_dir, name), self.path(name))
+
+    def publish(self) -> int:
+        """Copy the mirror's files to the run directory; returns the bytes uploaded (0 when local)."""
+        if not storage.is_uri(self.run_dir):
+            return 0
+        return sum(storage.upload(self.path(name), storage.join(self.run_dir, name))
+                   for name in self.PUBLISHED if os.path.exists(self.path(name)))

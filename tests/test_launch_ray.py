@@ -118,8 +118,12 @@ def test_run_directory_holds_config_history_tensorboard_checkpoints_and_summary(
     with open(os.path.join(run_dir, "summary.json")) as handle:
         summary = json.load(handle)
     assert load_checkpoint(os.path.join(run_dir, "best"))["epoch"] == summary["selected"]["epoch"]
-    assert {k: v for k, v in summary.items() if k not in ("run_dir", "wall_time_s")} == summarize(
+    assert {k: v for k, v in summary.items() if k not in ("run_dir", "wall_time_s", "attempts", "provenance")} == summarize(
         records, select_keep_ratio=cfg.eval.select_keep_ratio)
+    provenance = summary["provenance"]
+    assert (provenance["world_size"], provenance["nodes"], provenance["device"]) == (2, 1, "cpu")
+    assert provenance["versions"]["torch"] == torch.__version__.split("+")[0] and provenance["versions"]["ray"]
+    assert summary["attempts"] == 1
     accumulator = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
     accumulator.Reload()
     assert_events_match_jsonl(accumulator, records)
@@ -131,6 +135,13 @@ def test_command_prints_the_regime_table_and_tensorboard_command_and_no_progress
     assert "keep  final val  final test" in output
     assert f"tensorboard --logdir {run_dir}/tensorboard --host 127.0.0.1" in output
     assert "\x1b[2K" not in output
+    # Piped (as under `ray job logs`): rank 0's start banner and one line per epoch, without Ray Train's
+    # per-report chatter.
+    assert f"sparsedist run: {run_dir}" in output and "workers: 2 on 1 node(s), device cpu" in output
+    epoch_lines = [line for line in output.splitlines() if f"/{EPOCHS}  step " in line]
+    assert len(epoch_lines) == EPOCHS and all(" ETA " in line and "test 1.00:" in line and " loss " in line
+                                              for line in epoch_lines), epoch_lines
+    assert "Reporting training result" not in output
 
 
 def test_embedded_cluster_services_listen_only_on_loopback(reference):

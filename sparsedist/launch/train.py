@@ -15,12 +15,13 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from sparsedist.atomic import write_atomic
+from sparsedist import storage
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
-from sparsedist.rundir import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
-                                      check_run_dir, prepare_run_dir)
+from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
+                               check_run_dir, prepare_run_dir)
+from sparsedist.storage import StorageError
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
@@ -31,12 +32,13 @@ class LaunchError(RuntimeError):
     """Training failed (after the restarts run.max_failures allows); the message holds the workers' errors."""
 
 
-def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = (), quiet: bool = False):
-    """A TorchTrainer for `cfg`, whose run.run_dir must be absolute (see `rundir.with_run_dir`).
+def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
+    """A TorchTrainer for `cfg`, whose run.run_dir must be absolute or a URI (see `rundir.with_run_dir`).
 
-    Ray's storage path is the run directory's parent and its name the directory's name: a relaunch
-    with the same run_dir resumes from the checkpoints Ray registered there. `callbacks` are Ray Train
-    UserCallbacks (Tune's per-trial driver passes its report callback).
+    Ray's storage path is the run directory's parent (on its filesystem: local, S3, GCS, ...) and its
+    name the directory's name: a relaunch with the same run_dir resumes from the checkpoints Ray
+    registered there. `callbacks` are Ray Train UserCallbacks (Tune's per-trial driver passes its report
+    callback). Ray Train's own INFO lines only with run.verbose.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -45,22 +47,32 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = (), quiet: bool = Fa
 
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
-    run_dir = cfg.run.run_dir
+    parent, name = storage.parent_and_name(cfg.run.run_dir)
+    filesystem, storage_path = storage.resolve(parent)
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=os.path.basename(run_dir),
-            storage_path=os.path.dirname(run_dir),
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem if storage.is_uri(parent) else None,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=list(callbacks),
-            # Under a live progress line Ray Train's per-report INFO lines would scroll it away.
-            logging_config=LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+            logging_config=LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
     )
+
+
+def raise_run_error(metrics: dict[str, Any] | None, run_dir: str) -> None:
+    """LaunchError when the workers ended the run on a deterministic failure (reported, never retried)."""
+    from sparsedist.launch.worker import RUN_ERROR_KEY
+
+    if metrics and RUN_ERROR_KEY in metrics:
+        raise LaunchError(f"training stopped (not retried: it would fail the same way again): "
+                          f"{metrics[RUN_ERROR_KEY]}\nrun directory: {run_dir}")
 
 
 @contextmanager
@@ -88,20 +100,40 @@ def following(metrics_path: str, progress: ProgressLine) -> Iterator[None]:
         thread.join()
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
-    write_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+def write_json_atomic(location: str, data: dict[str, Any]) -> None:
+    storage.write_bytes(location, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def refuse_relative_on_cluster(run_dir: str | None) -> None:
+    """A run directory given relative (or not at all) would resolve on whichever node runs the driver, in
+    a job's temporary working directory: on a cluster (RAY_ADDRESS) that is refused before anything starts."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return
+    if run_dir is None or not (storage.is_uri(run_dir) or os.path.isabs(os.path.expanduser(run_dir))):
+        raise RunDirError(
+            f"run.run_dir={run_dir!r} is {'unset' if run_dir is None else 'relative'} while attached to a cluster "
+            "(RAY_ADDRESS): it would resolve on the driver's node, in the job's temporary working directory. "
+            "Give --run-dir an absolute path on shared storage or a URI such as s3://bucket/runs/<name>."
+        )
 
 
 def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, stream: TextIO | None = None,
                  resource_wait_s: float = RESOURCE_WAIT_S) -> dict[str, Any]:
     """Train `cfg` through Ray Train and return the summary (also written to <run_dir>/summary.json).
 
-    Raises RunDirError (run directory refused), ClusterError (cluster unreachable or too small),
-    DataUnavailableError, or LaunchError (training failed).
+    A terminal shows a live progress line (followed from a local run directory); anything else gets rank
+    0's start banner and one line per epoch through the workers' log (what `ray job logs` shows).
+    Raises RunDirError (run directory refused), StorageError, ClusterError (cluster unreachable or too
+    small), DataUnavailableError, or LaunchError (training failed).
     """
     started = time.monotonic()
-    check_run_dir(cfg, resume=resume, overwrite=overwrite)  # refuse before starting anything
-    progress = ProgressLine(cfg.train.epochs, stream)
+    # Refuse before starting anything.
+    if storage.is_uri(cfg.run.resolved_run_dir()):
+        storage.check_usable(cfg.run.resolved_run_dir())
+    check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    stream = stream or sys.stdout
+    progress = ProgressLine(cfg.train.epochs, stream,
+                            live=stream.isatty() and not storage.is_uri(cfg.run.resolved_run_dir()))
     with ray_session(cfg.scaling, resource_wait_s=resource_wait_s, log_to_driver=not progress.live):
         from ray.train import TrainingFailedError  # only now: ray_session sets Ray's environment first
 
@@ -110,18 +142,22 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         # Written only once the cluster and the data are known to work: a failed launch leaves no half-made run.
         cfg = prepare_run_dir(cfg, resume=resume, overwrite=overwrite)
         run_dir = cfg.run.run_dir
-        metrics_path = os.path.join(run_dir, METRICS_FILE)
-        progress.skip(read_jsonl(metrics_path) if os.path.exists(metrics_path) else [])
-        trainer = make_trainer(cfg, quiet=progress.live)
+        metrics_path = storage.join(run_dir, METRICS_FILE)
+        if progress.live:
+            progress.skip(read_jsonl(metrics_path) if os.path.exists(metrics_path) else [])
+        trainer = make_trainer(cfg)
         with following(metrics_path, progress):
             try:
-                trainer.fit()
+                result = trainer.fit()
             except TrainingFailedError as error:
                 raise LaunchError(f"training failed (run.max_failures={cfg.run.max_failures}); the run "
                                   f"directory {run_dir} can be resumed with --resume.\n{error}") from None
+        raise_run_error(result.metrics, run_dir)
     summary = summarize(read_jsonl(metrics_path), select_keep_ratio=cfg.eval.select_keep_ratio)
-    summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started)
-    write_json_atomic(os.path.join(run_dir, SUMMARY_FILE), summary)
+    attempts = read_jsonl(storage.join(run_dir, ATTEMPTS_FILE))
+    summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started, attempts=len(attempts),
+                   provenance={k: v for k, v in attempts[-1].items() if k not in ("start_epoch", "started_at")})
+    write_json_atomic(storage.join(run_dir, SUMMARY_FILE), summary)
     return summary
 
 
@@ -132,7 +168,7 @@ def result_text(summary: dict[str, Any]) -> str:
         "",
         f"run directory: {run_dir}  ({summary['epochs_completed']} epochs, {summary['wall_time_s']:.0f}s, "
         f"{summary['images_per_sec']:,.0f} images/s)",
-        f"TensorBoard:   tensorboard --logdir {os.path.join(run_dir, TENSORBOARD_DIR)} --host 127.0.0.1",
+        f"TensorBoard:   tensorboard --logdir {storage.join(run_dir, TENSORBOARD_DIR)} --host 127.0.0.1",
     ])
 
 
@@ -146,15 +182,20 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", help="run directory (default: run.run_dir, else ./runs/<run.name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run in the run directory first")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray Train's per-report log lines (run.verbose)")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     source = args.config
     if source is None and args.resume and args.run_dir:
-        source = os.path.join(os.path.abspath(args.run_dir), CONFIG_FILE)
+        run_dir = args.run_dir if storage.is_uri(args.run_dir) else os.path.abspath(args.run_dir)
+        source = storage.join(run_dir, CONFIG_FILE)
     data = apply_overrides(load_source(source) if source else {}, args.set)
     if args.run_dir:
         data = apply_overrides(data, {"run.run_dir": args.run_dir})
+    if args.verbose:
+        data = apply_overrides(data, {"run.verbose": True})
+    refuse_relative_on_cluster((data.get("run") or {}).get("run_dir"))
     return validate(data)
 
 
@@ -163,7 +204,7 @@ def launch_and_report(launch: Callable[[], dict[str, Any]]) -> int:
     (2: the request cannot run as given, 1: training failed)."""
     try:
         summary = launch()
-    except (ConfigError, RunDirError, ClusterError, DataUnavailableError) as error:
+    except (ConfigError, RunDirError, StorageError, ClusterError, DataUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except LaunchError as error:

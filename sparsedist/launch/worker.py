@@ -2,62 +2,121 @@
 
 Every rank: validate the config, restore the latest registered checkpoint if Ray gives one, build its
 loaders, train, and call `ray.train.report` once per epoch (a barrier: every rank, same count).
-Rank 0 alone writes: metrics.jsonl, TensorBoard, checkpoints, best/.
+Rank 0 alone writes, in its node-local mirror of the run directory (`RunMirror`): metrics.jsonl,
+TensorBoard, best/, attempts.jsonl; it publishes them to the run directory before every checkpoint
+is registered, and logs a start banner and one line per epoch (what `ray job logs` shows).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
+import sys
 import tempfile
+import time
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 
-from sparsedist.config import Config, validate
+from sparsedist import storage
+from sparsedist.config import Config, ConfigError, validate
 from sparsedist.data import build_loaders
-from sparsedist.rundir import BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR
 from sparsedist.launch.summary import summarize, summary_metrics
-from sparsedist.logging import JsonLinesSink, TensorBoardSink, flatten_epoch, read_jsonl, rewind_jsonl
-from sparsedist.train.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
-from sparsedist.train.loop import EpochEnd, train
+from sparsedist.logging import (JsonLinesSink, TensorBoardSink, epoch_line, flatten_epoch, read_jsonl,
+                                rewind_jsonl)
+from sparsedist.provenance import banner, provenance
+from sparsedist.rundir import ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror
+from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, save_checkpoint
+from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
+
+log = logging.getLogger("sparsedist")
+
+# Failures every rank meets at the same point (the loss is all-reduced; every rank loads the same
+# checkpoint and config): a restart would replay them, so they end the run instead of failing the worker.
+DETERMINISTIC_ERRORS = (NonFiniteLossError, CheckpointError, ConfigError)
+# The metric that carries such a failure to the driver (`launch.train` raises it as a failed run).
+RUN_ERROR_KEY = "sparsedist/error"
 
 
-def record_pid(run_dir: str, rank: int) -> None:
-    """pids/rank<R>.pid = "<host> <pid>": which process is which rank in the current attempt (operators,
-    py-spy, and the fault-tolerance test that kills one)."""
-    directory = os.path.join(run_dir, PIDS_DIR)
+def record_pid(directory: str, rank: int, node_id: str) -> None:
+    """pids/rank<R>.pid = "<host> <pid> <ray node id>": which process is which rank in the current attempt
+    (operators, py-spy, and the tests that kill a worker or check placement)."""
+    directory = os.path.join(directory, PIDS_DIR)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, f"rank{rank}.pid"), "w", encoding="utf-8") as handle:
-        handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+        handle.write(f"{socket.gethostname()} {os.getpid()} {node_id}\n")
 
 
-def restored_state(device: torch.device) -> dict[str, Any] | None:
-    """The latest checkpoint Ray registered for this run (after a restart or a relaunch), else None."""
+def restored_state() -> dict[str, Any] | None:
+    """The latest checkpoint Ray registered for this run (after a restart or a relaunch), else None.
+
+    Loaded on the CPU whatever the device: the RNG states must stay CPU byte tensors, and the loop's
+    load_state_dict calls move model and optimizer state onto the model's device.
+    """
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as directory:
         # The epoch and step come from the checkpoint's contents: registration lags the saves on disk.
-        return load_checkpoint(directory, map_location=device)
+        return load_checkpoint(directory)
 
 
 def should_checkpoint(cfg: Config, epoch: int) -> bool:
     return (epoch + 1) % cfg.train.checkpoint_every_epochs == 0 or epoch == cfg.train.epochs - 1
 
 
+def node_count(node_id: str) -> int:
+    """How many Ray nodes the workers span (every rank joins the gather)."""
+    if not dist.is_initialized():
+        return 1
+    node_ids: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(node_ids, node_id)
+    return len(set(node_ids))
+
+
+def configure_logging(verbose: bool) -> None:
+    """INFO lines of the `sparsedist` logger to stdout, which Ray forwards to the driver and `ray job logs`
+    (unless the process already configured logging); Ray Train's per-report lines only when `verbose`."""
+    # Ray Train logs "Reporting training result ..." (twice an epoch per worker) on a logger named after
+    # its source file, which its LoggingConfig level does not reach.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker function; `config` is `Config.to_dict()` with run.run_dir absolute."""
-    cfg = validate(config)
+    """Ray Train's per-worker function; `config` is `Config.to_dict()` with run.run_dir absolute or a URI."""
+    try:
+        run_replica(validate(config))
+    except DETERMINISTIC_ERRORS as error:
+        # Reported by every rank (they all meet it at the same point), then a normal return: Ray Train
+        # retries failed workers, and a retry would replay this failure run.max_failures times.
+        ray.train.report({RUN_ERROR_KEY: f"{type(error).__name__}: {error}"})
+
+
+def run_replica(cfg: Config) -> None:
     run_dir = cfg.run.run_dir
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    record_pid(run_dir, rank)
+    node_id = ray.get_runtime_context().get_node_id()
+    mirror = RunMirror(run_dir)
+    record_pid(mirror.local, rank, node_id)
+    configure_logging(cfg.run.verbose)
+    nodes = node_count(node_id)
 
-    resume_state = restored_state(device)
+    resume_state = restored_state()
     if resume_state is None and cfg.run.init_from is not None:
         # A new run continuing another run's state under this config (PBT's exploit): loaded on the CPU,
         # the loop moves it onto the model's device.
@@ -67,33 +126,50 @@ def train_worker(config: dict[str, Any]) -> None:
 
     sinks, tensorboard = [], None
     if rank == 0:
-        metrics_path = os.path.join(run_dir, METRICS_FILE)
+        mirror.restore()
+        record = provenance(device, world_size, nodes)
+        with open(mirror.path(ATTEMPTS_FILE), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"start_epoch": last_done_epoch + 1, "started_at": time.time(), **record},
+                                    sort_keys=True) + "\n")
+        log.info(banner(run_dir, storage.join(run_dir, TENSORBOARD_DIR), record))
+        if resume_state is not None:
+            log.info(f"  resuming after epoch {last_done_epoch + 1} (step {resume_state['step']})")
+        metrics_path = mirror.path(METRICS_FILE)
         # Records past the restored checkpoint belong to an attempt whose work is about to be redone.
         rewind_jsonl(metrics_path, last_done_epoch)
-        tensorboard = TensorBoardSink(os.path.join(run_dir, TENSORBOARD_DIR),
+        tensorboard = TensorBoardSink(mirror.path(TENSORBOARD_DIR),
                                       purge_step=None if resume_state is None else resume_state["step"] + 1)
         sinks = [JsonLinesSink(metrics_path), tensorboard]
+    attempt_start, first_epoch = time.monotonic(), last_done_epoch + 1
 
     def on_epoch_end(end: EpochEnd) -> None:
         with tempfile.TemporaryDirectory(prefix="sparsedist-ckpt-") as staging:
             checkpoint, name = None, checkpoint_name(end.epoch)
-            if rank == 0 and (should_checkpoint(cfg, end.epoch) or end.is_best):
-                state = end.state()
-                if end.is_best:
-                    save_checkpoint(state, os.path.join(run_dir, BEST_DIR))
-                if should_checkpoint(cfg, end.epoch):
-                    # Ray copies it into the run directory under the same, epoch-derived name: a restarted
-                    # attempt that redoes this epoch re-registers the same directory.
-                    checkpoint = ray.train.Checkpoint.from_directory(save_checkpoint(state, os.path.join(staging, name)))
+            if rank == 0:
+                seconds_per_epoch = (time.monotonic() - attempt_start) / (end.epoch - first_epoch + 1)
+                log.info(epoch_line(end.record, cfg.train.epochs, seconds_per_epoch))
+                if should_checkpoint(cfg, end.epoch) or end.is_best:
+                    state = end.state()
+                    if end.is_best:
+                        save_checkpoint(state, mirror.path(BEST_DIR))
+                    if should_checkpoint(cfg, end.epoch):
+                        # The run directory is complete up to every checkpoint Ray registers.
+                        tensorboard.flush()
+                        mirror.publish()
+                        # Ray copies it into the run directory under the same, epoch-derived name: a
+                        # restarted attempt that redoes this epoch re-registers the same directory.
+                        checkpoint = ray.train.Checkpoint.from_directory(
+                            save_checkpoint(state, os.path.join(staging, name)))
             ray.train.report(flatten_epoch(end.record), checkpoint=checkpoint,
                              checkpoint_dir_name=name if checkpoint is not None else None)
 
     try:
         train(cfg, loaders, device=device, sinks=sinks, on_epoch_end=on_epoch_end, resume_state=resume_state)
         if tensorboard is not None:
-            summary = summarize(read_jsonl(os.path.join(run_dir, METRICS_FILE)),
-                                select_keep_ratio=cfg.eval.select_keep_ratio)
+            summary = summarize(read_jsonl(mirror.path(METRICS_FILE)), select_keep_ratio=cfg.eval.select_keep_ratio)
             tensorboard.write_hparams(cfg.to_dict(), summary_metrics(summary), step=summary["steps"])
     finally:
         for sink in sinks:
             sink.close()
+        if rank == 0:
+            mirror.publish()

@@ -1,0 +1,64 @@
+"""What produced a run: package versions, the source commit, devices, world size and nodes.
+
+Recorded by rank 0 at start (provenance.json, the start banner) and copied into summary.json, so a
+result can be traced to its code and hardware. Imports nothing heavy: versions come from package
+metadata.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+from typing import Any
+
+import torch
+
+PACKAGES = ("sparsedist", "torch", "ray", "ffcv", "numpy")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def source_commit() -> str | None:
+    """The git commit of the package's source tree (with "-dirty" if it has uncommitted changes), or None
+    where the code travelled without its repository (a Ray runtime_env working_dir, a wheel)."""
+    source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def provenance(device: torch.device, world_size: int, nodes: int) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    return {
+        "versions": {name: package_version(name) for name in PACKAGES},
+        "commit": source_commit(),
+        "device": device.type,
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "world_size": world_size,
+        "nodes": nodes,
+    }
+
+
+def banner(run_dir: str, tensorboard_dir: str, record: dict[str, Any]) -> str:
+    """The start banner: where the run writes, how to watch it, and what it runs on."""
+    versions = " ".join(f"{name} {version}" for name, version in record["versions"].items() if version)
+    device = record["gpu"] or record["device"]
+    return "\n".join([
+        f"sparsedist run: {run_dir}",
+        f"  TensorBoard: tensorboard --logdir {tensorboard_dir} --host 127.0.0.1",
+        f"  workers: {record['world_size']} on {record['nodes']} node(s), device {device}"
+        + (f" (CUDA {record['cuda']})" if record["cuda"] else ""),
+        f"  versions: {versions}; commit {record['commit'] or 'unknown'}",
+    ])

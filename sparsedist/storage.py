@@ -1,0 +1,183 @@
+"""Where a run's files live: a local (or NFS) directory, or an object-store URI (s3://, gs://, anything
+pyarrow's filesystems resolve).
+
+Locations are plain strings: an absolute path or a URI. Credentials and endpoints come the way the
+store's own tools take them: environment variables (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...) or
+pyarrow's URI options (`s3://bucket/runs?endpoint_override=host:port&scheme=http`), which travel inside
+the location to every worker.
+
+Object stores cannot be appended to or memory-mapped, so a process works in a node-local directory
+(`working_dir`) and copies files up (`upload`) or down (`download`). For a local location the working
+directory is the location itself and both copies are no-ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import posixpath
+import tempfile
+from urllib.parse import urlsplit, urlunsplit
+
+from sparsedist.atomic import write_atomic
+
+
+class StorageError(RuntimeError):
+    """A storage location is unreachable, missing, or not allowed here."""
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def join(location: str, *parts: str) -> str:
+    """`location`/part/...: path joining that keeps a URI's scheme and query options."""
+    if not is_uri(location):
+        return os.path.join(location, *parts)
+    scheme, netloc, path, query, fragment = urlsplit(location)
+    return urlunsplit((scheme, netloc, posixpath.join(path or "/", *parts), query, fragment))
+
+
+def parent_and_name(location: str) -> tuple[str, str]:
+    """(parent location, last path component): Ray Train's storage_path and run name for a run directory."""
+    if not is_uri(location):
+        return os.path.dirname(location), os.path.basename(location)
+    scheme, netloc, path, query, fragment = urlsplit(location)
+    path = path.rstrip("/")
+    return urlunsplit((scheme, netloc, posixpath.dirname(path), query, fragment)), posixpath.basename(path)
+
+
+@functools.lru_cache(maxsize=32)
+def resolve(location: str):
+    """(pyarrow filesystem, path inside it) for a location; StorageError when pyarrow cannot resolve it."""
+    import pyarrow.fs
+
+    if not is_uri(location):
+        return pyarrow.fs.LocalFileSystem(), os.path.abspath(location)
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (ValueError, OSError) as error:  # ArrowInvalid is a ValueError
+        raise StorageError(f"cannot open storage location {location}: {error}") from None
+
+
+def _info(location: str):
+    filesystem, path = resolve(location)
+    try:
+        return filesystem.get_file_info(path)
+    except OSError as error:
+        raise StorageError(f"storage {location} cannot be read: {error}") from None
+
+
+def is_file(location: str) -> bool:
+    import pyarrow.fs
+
+    return _info(location).type == pyarrow.fs.FileType.File
+
+
+def is_nonempty_dir(location: str) -> bool:
+    import pyarrow.fs
+
+    filesystem, path = resolve(location)
+    if _info(location).type != pyarrow.fs.FileType.Directory:
+        return False
+    return bool(filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def read_bytes(location: str) -> bytes:
+    """The file's content; FileNotFoundError when there is none."""
+    if not is_uri(location):
+        with open(location, "rb") as handle:
+            return handle.read()
+    filesystem, path = resolve(location)
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise StorageError(f"cannot read {location}: {error}") from None
+
+
+def write_bytes(location: str, content: bytes) -> None:
+    """Replace the file at `location` whole: readers see the old content or the new (an object PUT is atomic)."""
+    if not is_uri(location):
+        os.makedirs(os.path.dirname(os.path.abspath(location)), exist_ok=True)
+        write_atomic(location, content)
+        return
+    filesystem, path = resolve(location)
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(content)
+
+
+def delete_dir(location: str) -> None:
+    filesystem, path = resolve(location)
+    if _info(location).type.name != "NotFound":
+        filesystem.delete_dir(path)
+
+
+def upload(local_path: str, location: str) -> int:
+    """Copy a local file or directory tree to `location` (no-op when it is that same local path); returns
+    the bytes copied. Each file is written whole, so a reader never sees part of one."""
+    if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
+        return 0
+    copied = 0
+    files = [local_path] if os.path.isfile(local_path) else [
+        os.path.join(root, name) for root, _, names in os.walk(local_path) for name in names]
+    for file in sorted(files):
+        relative = os.path.relpath(file, local_path) if file != local_path else ""
+        with open(file, "rb") as handle:
+            content = handle.read()
+        write_bytes(join(location, *relative.split(os.sep)) if relative else location, content)
+        copied += len(content)
+    return copied
+
+
+def download(location: str, local_path: str) -> bool:
+    """Copy the file or directory tree at `location` to `local_path`; False when nothing is there."""
+    import pyarrow.fs
+
+    if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
+        return os.path.exists(local_path)
+    filesystem, path = resolve(location)
+    info = _info(location)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        return False
+    entries = [info] if info.type == pyarrow.fs.FileType.File else [
+        entry for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+        if entry.type == pyarrow.fs.FileType.File]
+    for entry in entries:
+        relative = posixpath.relpath(entry.path, path) if entry.path != path else ""
+        target = os.path.join(local_path, *relative.split("/")) if relative else local_path
+        with filesystem.open_input_stream(entry.path) as stream:
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            write_atomic(target, stream.read())
+    return True
+
+
+def working_dir(location: str, purpose: str) -> str:
+    """The node-local directory a process works in for `location`: the location itself when it is local,
+    else a directory under the system temp dir named after it (stable, so processes on one node share it)."""
+    if not is_uri(location):
+        return location
+    digest = hashlib.sha256(location.encode()).hexdigest()[:16]
+    directory = os.path.join(tempfile.gettempdir(), f"sparsedist-{purpose}", digest)
+    os.makedirs(directory, exist_ok=True)
+    return directory
+
+
+def check_usable(location: str) -> None:
+    """Fail with one clear StorageError, before any worker starts, when `location` cannot be written:
+    an unreachable endpoint, a missing bucket, refused credentials. Writes and deletes a probe object."""
+    probe = join(location, f".sparsedist-probe-{os.getpid()}")
+    filesystem, path = resolve(probe)
+    try:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(b"probe")
+        filesystem.delete_file(path)
+    except OSError as error:
+        raise StorageError(
+            f"cannot write to {location}: {error}. Check that the bucket exists, that credentials are set "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws for s3://; GOOGLE_APPLICATION_CREDENTIALS for "
+            "gs://) and the endpoint is reachable (AWS_ENDPOINT_URL or ?endpoint_override=)."
+        ) from None
