@@ -62,7 +62,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_bench_sparsity(args: argparse.Namespace) -> int:
     from sparsedist.bench.sparsity import run_sparsity_benchmark
 
-    run_sparsity_benchmark(json_out=args.json, threads=args.threads)
+    run_sparsity_benchmark(json_out=args.json, threads=args.threads, compile=args.compile)
     return 0
 
 
@@ -137,6 +137,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         if name in ("sparsity", "inference"):
             sub.add_argument("--threads", type=int, help="torch threads (1 gives steadier figures on a shared machine)")
+        if name == "sparsity":
+            sub.add_argument("--compile", action="store_true", help="also time torch.compile'd dense and both scopes")
         if name == "inference":
             sub.add_argument("export_dir", help="a `sparsedist export` directory")
             sub.add_argument("--repeats", type=int, default=20, help="timed runs per path and batch size (median)")

@@ -241,6 +241,10 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on training steps per epoch (short smoke runs).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only; fp32 on CPU).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
+    compile: bool = Field(
+        False, description="torch.compile the training model with its sparsity sites (rho and tau are read from "
+        "device tensors, so controller decisions recompile nothing).",
+    )
     max_nonfinite_steps: int = Field(
         10, ge=1, description="Consecutive NaN/Inf-loss steps (each skipped) after which the run stops."
     )

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sparsedist.models import WideResNet
-from sparsedist.sparsity import ActivationSparsity, kernels
-from sparsedist.sparsity.layer import key_dtype, top_k_per_sample
+from sparsedist.sparsity import ActivationSparsity, ops
+from sparsedist.sparsity.layer import keep_where, key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -45,30 +45,36 @@ def forward_and_gradient(select, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return y.detach(), x.grad
 
 
+def on_device_top_k(x: torch.Tensor, keep_ratio: float, use_kernel: bool) -> torch.Tensor:
+    return keep_where(x, ops.top_k_mask(x, torch.tensor(keep_ratio, dtype=torch.float64, device=x.device), use_kernel))
+
+
+def on_device_zero_below(x: torch.Tensor, threshold: float, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return ops.zero_below_with_histogram(x, torch.tensor(threshold, device=x.device), use_kernel)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "eager-in-op"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_kernel_keeps_the_same_k_values_as_the_eager_selection(dtype, layout):
+def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, use_kernel):
     x = site_input((3, 5, 7, 9), dtype, layout, seed=0)
-    for keep_ratio in (0.01, 0.2, 0.6):
-        ours, ours_grad = forward_and_gradient(lambda v: kernels.top_k_per_sample(v, keep_ratio), x)
+    for keep_ratio in (0.01, 0.2, 0.6, 1.0):
+        ours, ours_grad = forward_and_gradient(lambda v: on_device_top_k(v, keep_ratio, use_kernel), x)
         reference, reference_grad = forward_and_gradient(lambda v: top_k_per_sample(v, keep_ratio), x)
-        assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)
+        assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
         assert ours.is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "eager-in-op"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_network_kernel_writes_the_eager_output_and_histogram_in_one_pass(dtype, layout):
+def test_network_op_writes_the_eager_output_and_histogram_in_one_pass(dtype, layout, use_kernel):
     x = site_input((2, 3, 5, 7), dtype, layout, seed=1)
     x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), 1e-40])  # odd values must bin like the eager path
     for threshold in (0.0, 0.75):
-        origin = histogram_origin(threshold)
-        (ours, histogram), = [kernels.zero_below_with_histogram(x, threshold, origin)]
-        assert torch.equal(histogram.long(), bit_histogram(x, origin))
-        if threshold == 0.0:
-            assert ours is x
-            continue
-        ours, ours_grad = forward_and_gradient(lambda v: kernels.zero_below_with_histogram(v, threshold, origin)[0], x)
+        histogram = on_device_zero_below(x, threshold, use_kernel)[1]
+        assert torch.equal(histogram.long(), bit_histogram(x, histogram_origin(threshold)))
+        ours, ours_grad = forward_and_gradient(lambda v: on_device_zero_below(v, threshold, use_kernel)[0], x)
         reference, reference_grad = forward_and_gradient(lambda v: zero_below(v, threshold), x)
         assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
         assert ours.is_contiguous(memory_format=layout)
@@ -113,12 +119,12 @@ from triton.compiler import ASTSource
 from sparsedist.sparsity import kernels
 
 for dtype in ("fp32", "bf16"):
-    common = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "IS_BF16": "constexpr", "BLOCK": "constexpr"}
-    network = {**common, "histogram_ptr": "*i32", "numel": "i32", "below": "fp32", "origin": "i32",
-               "zero_bin": "i32", "WRITE": "constexpr"}
-    layer = {**common, "kept_ptr": "*i8", "values_per_sample": "i32", "channels": "i32", "pixels": "i32", "k": "i32",
-             "CHANNELS_LAST": "constexpr", "KEY_PASSES": "constexpr", "INDEX_PASSES": "constexpr"}
-    sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "WRITE": True, "BLOCK": 1024})]
+    network = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "histogram_ptr": "*i32", "threshold_ptr": "*fp32",
+               "numel": "i32", "IS_BF16": "constexpr", "BLOCK": "constexpr"}
+    layer = {"x_ptr": f"*{dtype}", "kept_ptr": "*i8", "keep_ratio_ptr": "*fp64", "values_per_sample": "i32",
+             "channels": "i32", "pixels": "i32", "IS_BF16": "constexpr", "CHANNELS_LAST": "constexpr",
+             "KEY_PASSES": "constexpr", "INDEX_PASSES": "constexpr", "BLOCK": "constexpr"}
+    sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "BLOCK": 1024})]
     sources += [ASTSource(kernels._layer_kernel, layer, {"IS_BF16": dtype == "bf16", "CHANNELS_LAST": channels_last,
                                                           "KEY_PASSES": 4, "INDEX_PASSES": 2, "BLOCK": 1024})
                 for channels_last in (False, True)]

@@ -436,9 +436,9 @@ def test_sparsity_benchmark_runs_end_to_end_and_reports_every_variant(tmp_path):
     out = tmp_path / "bench.json"
     result = run_sparsity_benchmark(batch_size=2, keep_ratio=0.2, repeats=1, warmup=1, depth=10, widen_factor=1,
                                     image_size=8, threads=1, json_out=str(out))
-    assert set(result) == {"setup", "median_step_s", "ratio_to_dense", "median_cpu_s", "cpu_ratio_to_dense",
-                           "targets", "meets_target", "realized_keep"}
-    for times in ("median_step_s", "ratio_to_dense", "median_cpu_s", "cpu_ratio_to_dense"):
+    assert set(result) == {"setup", "median_step_s", "ratio_to_dense", "images_per_s", "median_cpu_s",
+                           "cpu_ratio_to_dense", "targets", "meets_target", "realized_keep"}
+    for times in ("median_step_s", "ratio_to_dense", "images_per_s", "median_cpu_s", "cpu_ratio_to_dense"):
         assert set(result[times]) == set(VARIANTS) and all(value > 0 for value in result[times].values())
     assert result["ratio_to_dense"]["dense"] == result["cpu_ratio_to_dense"]["dense"] == 1.0
     assert set(result["realized_keep"]) == {"layer", "network"}

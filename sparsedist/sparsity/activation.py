@@ -7,6 +7,10 @@ forwards to the owner, so changing rho or tau changes every site at once.
 Statistics are counted on the device during training forwards (`collecting`), and read off it only
 in `finish_step` and `calibrate`, after one integer all-reduce, so every replica sees the same
 numbers and derives the same tau.
+
+rho and tau also live in one-element tensors on the device (`to(device)`), which the sites read
+when they run the Triton kernels or run inside torch.compile: a new rho or tau then changes no
+compiled graph and needs no host round trip. Elsewhere (CPU eager) the sites use the Python values.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparsedist.sparsity import kernels
-from sparsedist.sparsity.layer import kept_per_sample, key_dtype, top_k_per_sample
+from sparsedist.sparsity import kernels, ops
+from sparsedist.sparsity.layer import keep_where, kept_per_sample, key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import (
     HISTOGRAM_BINS,
     KEPT_BINS,
@@ -51,16 +55,6 @@ class CalibrationResult:
     realized_keep: float  # realized keep ratio measured with it (NaN in layer scope: nothing measured)
     iterations: int  # forward passes over the calibration batches
     converged: bool  # |realized / rho - 1| <= tolerance
-
-
-@dataclass
-class _StepCounts:
-    """Integer counts of one step on the device: [histogram | kept per site], plus host-side totals."""
-
-    origin: int  # histogram origin (bit pattern of the tau in force)
-    counts: torch.Tensor
-    values_per_site: list[int]
-    step_bits: int  # bit-pattern spacing of the finest dtype counted (1: float32, 2**16: bf16)
 
 
 class SparsitySite(nn.Module):
@@ -104,7 +98,13 @@ class ActivationSparsity:
         self._keep_ratio = _check_keep_ratio(keep_ratio)
         self._threshold = 0.0
         self._site_names: list[str] = []
-        self._pending: _StepCounts | None = None
+        # The same rho (float64) and tau (float32) on the device, for kernels and compiled graphs.
+        self._keep_ratio_tensor = torch.tensor(self._keep_ratio, dtype=torch.float64)
+        self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32)
+        # This step's counts on the device: [histogram (network scope) | kept per site | values per site].
+        self._counts: torch.Tensor | None = None
+        self._recorded = False  # whether _counts holds a step's statistics
+        self._site_step_bits: list[int | None] = []  # bit spacing of each site's dtype (see value_step_bits)
         # The last reduced histogram (host), its origin, value count and value spacing: lets
         # set_keep_ratio re-choose tau.
         self._last_histogram: tuple[torch.Tensor, int, int, int] | None = None
@@ -114,30 +114,46 @@ class ActivationSparsity:
 
     # ------------------------------------------------------------------ model side
     def new_site(self, name: str) -> nn.Module:
-        if self._pending is not None:
+        if self._recorded:
             raise RuntimeError("sites must all be created before the first forward")
         self._site_names.append(name)
+        self._site_step_bits.append(None)
         return SparsitySite(self, len(self._site_names) - 1, name)
 
+    def to(self, device: torch.device | str) -> ActivationSparsity:
+        """Keep rho, tau and the step counts on `device` (the sites' device; done by the first forward
+        too, but a compiled model should find them there already)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # as tensors report it
+        size = self._histogram_bins + 2 * len(self._site_names)
+        if self._counts is None or self._counts.device != device or len(self._counts) != size:
+            if self._recorded:
+                raise RuntimeError("cannot move with step statistics pending: call finish_step() or discard_step() first")
+            self._keep_ratio_tensor = self._keep_ratio_tensor.to(device)
+            self._threshold_tensor = self._threshold_tensor.to(device)
+            self._counts = torch.zeros(size, dtype=torch.int64, device=device)
+        return self
+
     def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        self.to(x.device)
         use_kernel = (x.is_cuda if self.use_kernels is None else self.use_kernels) and kernels.supports(x, self.scope)
+        on_device = use_kernel or torch.compiler.is_compiling()  # rho and tau read from their tensors
+        histogram = None
         if self.scope == "layer":
-            if use_kernel:
-                y = kernels.top_k_per_sample(x, self._keep_ratio)
+            if on_device:
+                y = keep_where(x, ops.top_k_mask(x, self._keep_ratio_tensor, use_kernel))
             else:
                 y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
-            if self.collecting:
-                self._record(index, x, kept=torch.count_nonzero(y), histogram=None)
-            return y
-        if not self.collecting:
-            return zero_below(x, self._threshold)
-        origin = histogram_origin(self._threshold)
-        if use_kernel:
-            y, histogram = kernels.zero_below_with_histogram(x, self._threshold, origin)
+        elif on_device:
+            y, histogram = ops.zero_below_with_histogram(x, self._threshold_tensor, use_kernel)
         else:
             y = zero_below(x, self._threshold)
-            histogram = bit_histogram(x, origin, self._workspace(x.numel(), torch.int32, x.device))
-        self._record(index, x, kept=histogram[:KEPT_BINS].sum(), histogram=histogram)
+            if self.collecting:
+                histogram = bit_histogram(x, histogram_origin(self._threshold),
+                                          self._workspace(x.numel(), torch.int32, x.device))
+        if self.collecting:
+            self._record(index, x, y, histogram)
         return y
 
     def _workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -148,20 +164,17 @@ class ActivationSparsity:
             workspace = self._workspace_bytes = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return workspace[:nbytes].view(dtype)
 
-    def _record(self, index: int, x: torch.Tensor, kept: torch.Tensor, histogram: torch.Tensor | None) -> None:
-        origin = histogram_origin(self._threshold)
-        if self._pending is None:
-            size = self._histogram_bins + len(self._site_names)
-            self._pending = _StepCounts(origin, torch.zeros(size, dtype=torch.int64, device=x.device),
-                                        [0] * len(self._site_names), value_step_bits(x.dtype))
-        elif self._pending.origin != origin:
-            raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
-        step = self._pending
-        if histogram is not None:
-            step.counts[:HISTOGRAM_BINS] += histogram
-        step.counts[self._histogram_bins + index] += kept
-        step.values_per_site[index] += x.numel()
-        step.step_bits = min(step.step_bits, value_step_bits(x.dtype))
+    def _record(self, index: int, x: torch.Tensor, y: torch.Tensor, histogram: torch.Tensor | None) -> None:
+        counts, sites = self._counts, len(self._site_names)
+        if histogram is None:
+            counts[self._histogram_bins + index] += torch.count_nonzero(y)
+        else:
+            # Kept values are exactly those in the bins at or above tau's origin.
+            counts[:HISTOGRAM_BINS] += histogram
+            counts[self._histogram_bins + index] += histogram[:KEPT_BINS].sum()
+        counts[self._histogram_bins + sites + index] += x.numel()
+        self._site_step_bits[index] = value_step_bits(x.dtype)
+        self._recorded = True
 
     # ------------------------------------------------------------------ loop side
     @property
@@ -186,21 +199,28 @@ class ActivationSparsity:
         """Bytes each replica all-reduces per step: int64 histogram, kept and value counts per site."""
         return (self._histogram_bins + 2 * len(self._site_names)) * 8
 
+    def _set(self, keep_ratio: float, threshold: float) -> None:
+        """The one place rho and tau change: the Python values and their device tensors together."""
+        if threshold != self._threshold and self._recorded:
+            raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
+        self._keep_ratio, self._threshold = keep_ratio, threshold
+        self._keep_ratio_tensor.fill_(keep_ratio)  # a fill, not a copy from the host: no sync
+        self._threshold_tensor.fill_(threshold)
+
     def set_keep_ratio(self, keep_ratio: float) -> None:
         keep_ratio = _check_keep_ratio(keep_ratio)
         if keep_ratio == self._keep_ratio:
             return  # finish_step already chose tau for this rho: called every step, most calls change nothing
-        self._keep_ratio = keep_ratio
-        if self.scope == "network":
-            self._threshold = self._next_threshold()
+        self._set(keep_ratio, self._next_threshold(keep_ratio))
 
-    def _next_threshold(self) -> float:
-        if self._keep_ratio >= 1.0:
+    def _next_threshold(self, keep_ratio: float) -> float:
+        """tau for `keep_ratio` from the last step's statistics (network scope; 0.0 in layer scope)."""
+        if self.scope == "layer" or keep_ratio >= 1.0:
             return 0.0
         if self._last_histogram is None:  # no statistics yet (first step, or just resumed): keep tau
             return self._threshold
         histogram, origin, values, step_bits = self._last_histogram
-        return threshold_for_count(histogram, origin, kept_per_sample(values, self._keep_ratio), step_bits)
+        return threshold_for_count(histogram, origin, kept_per_sample(values, keep_ratio), step_bits)
 
     def finish_step(self, process_group: dist.ProcessGroup | None = None) -> StepStats:
         """All-reduce this step's statistics, return them, and (network scope) choose the next tau."""
@@ -208,7 +228,7 @@ class ActivationSparsity:
         histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
         if self.scope == "network":
             self._last_histogram = (histogram, origin, sum(values), step_bits)
-            self._threshold = self._next_threshold()
+            self._set(self._keep_ratio, self._next_threshold(self._keep_ratio))
         return StepStats(
             realized_keep=sum(kept) / sum(values),
             site_density={name: k / v for name, k, v in zip(self._site_names, kept, values) if v},
@@ -217,24 +237,24 @@ class ActivationSparsity:
 
     def discard_step(self) -> None:
         """Drop this step's statistics (a skipped step); tau and rho stay as they are."""
-        self._pending = None
+        if self._counts is not None:
+            self._counts.zero_()
+        self._recorded = False
 
     def _reduce_pending(self, process_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, list[int], list[int], int]:
         """One all-reduce of [histogram | kept per site | values per site]; clears the pending step.
 
         Returns the histogram, its origin, kept and value counts per site, and the value spacing."""
-        step = self._pending
-        if step is None:
+        if not self._recorded:
             raise RuntimeError("no statistics: run a forward with collecting=True since the last finish_step()")
-        self._pending = None
-        values = torch.tensor(step.values_per_site, dtype=torch.int64, device=step.counts.device)
-        buffer = torch.cat([step.counts, values])
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(buffer, group=process_group)
-        buffer = buffer.cpu()
+            dist.all_reduce(self._counts, group=process_group)
+        buffer = self._counts.to("cpu", copy=True)
+        self.discard_step()
         sites = len(self._site_names)
         histogram, kept, values = buffer.split([self._histogram_bins, sites, sites])
-        return histogram, step.origin, kept.tolist(), values.tolist(), step.step_bits
+        step_bits = min(bits for bits in self._site_step_bits if bits is not None)
+        return histogram, histogram_origin(self._threshold), kept.tolist(), values.tolist(), step_bits
 
     # ------------------------------------------------------------------ evaluation
     def set_regime(self, keep_ratio: float, threshold: float | None = None) -> None:
@@ -248,7 +268,7 @@ class ActivationSparsity:
             threshold = bits_to_float(float_to_bits(threshold))  # tau is always a float32 value
         elif threshold is not None:
             raise ValueError("layer scope has no threshold")
-        self._keep_ratio, self._threshold = keep_ratio, threshold or 0.0
+        self._set(keep_ratio, threshold or 0.0)
 
     @contextlib.contextmanager
     def regime(self, keep_ratio: float, threshold: float | None = None) -> Iterator[None]:
@@ -258,7 +278,7 @@ class ActivationSparsity:
         try:
             yield
         finally:
-            self._keep_ratio, self._threshold = saved
+            self._set(*saved)
 
     def calibrate(self, run_forward: Callable[[], None], keep_ratio: float, tolerance: float = 0.01,
                   max_iters: int = 8, process_group: dist.ProcessGroup | None = None) -> CalibrationResult:
@@ -273,15 +293,15 @@ class ActivationSparsity:
         keep_ratio = _check_keep_ratio(keep_ratio)
         if self.scope == "layer":
             return CalibrationResult(threshold=0.0, realized_keep=math.nan, iterations=0, converged=True)
-        if self._pending is not None:
+        if self._recorded:
             raise RuntimeError("calibrate() with step statistics pending: call finish_step() or discard_step() first")
         saved = self._keep_ratio, self._threshold, self.collecting
-        self._keep_ratio, self.collecting = keep_ratio, True
+        self.collecting = True
         keeps_too_much, keeps_too_little = 0, float_to_bits(math.inf) + 1  # tau bit patterns bracketing the answer
         tau_bits, best = 0, None
         try:
             for iteration in range(1, max_iters + 1):
-                self._threshold = bits_to_float(tau_bits)
+                self._set(keep_ratio, bits_to_float(tau_bits))
                 run_forward()
                 histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
                 realized = sum(kept) / sum(values)
@@ -305,8 +325,9 @@ class ActivationSparsity:
                     break
                 tau_bits = proposal
         finally:
-            self._pending = None
-            self._keep_ratio, self._threshold, self.collecting = saved
+            self.discard_step()
+            self._set(*saved[:2])
+            self.collecting = saved[2]
         error, threshold, realized = best
         return CalibrationResult(threshold=threshold, realized_keep=realized, iterations=iteration,
                                  converged=error <= tolerance)
@@ -319,6 +340,5 @@ class ActivationSparsity:
     def load_state_dict(self, state: dict[str, float | str]) -> None:
         if state["scope"] != self.scope:
             raise ValueError(f"checkpoint has scope {state['scope']!r}, this run uses {self.scope!r}")
-        self._keep_ratio = _check_keep_ratio(state["keep_ratio"])
-        self._threshold = float(state["threshold"])
+        self._set(_check_keep_ratio(state["keep_ratio"]), float(state["threshold"]))
         self._last_histogram = None

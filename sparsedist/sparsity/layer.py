@@ -32,38 +32,47 @@ def order_keys(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 def top_k_per_sample(x: torch.Tensor, keep_ratio: float, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """Zero all but each sample's k largest values; gradients flow only through the kept values.
 
-    Exactly k survive per sample: each sample's k-th largest value is found (the smallest of an
-    unsorted topk on the order keys), every value above it is kept, and of the values tied with it
-    the first ones in (C, H, W) order fill the remaining places (see `keep_top_k`). On inputs
-    without ties the result equals a topk + scatter selection exactly. rho = 1 returns x itself.
-    `workspace` (at least x.numel() elements of dtype key_dtype(x.dtype), on x.device) holds the
-    keys instead of a fresh allocation.
+    Exactly k survive per sample (see `top_k_mask`). On inputs without ties the result equals a
+    topk + scatter selection exactly. rho = 1 returns x itself. `workspace` (at least x.numel()
+    elements of dtype key_dtype(x.dtype), on x.device) holds the keys instead of a fresh allocation.
     """
-    values_per_sample = x[0].numel()
-    k = kept_per_sample(values_per_sample, keep_ratio)
-    if k >= values_per_sample:
+    k = kept_per_sample(x[0].numel(), keep_ratio)
+    if k >= x[0].numel():
         return x
-    flat = x.detach().reshape(len(x), values_per_sample)
+    return keep_where(x, top_k_mask(x, k, workspace))
+
+
+def top_k_mask(x: torch.Tensor, k: int, workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's k kept values as a bool mask shaped like x (contiguous).
+
+    Each sample's k-th largest value is found (the smallest of an unsorted topk on the order keys),
+    every value above it is kept, and of the values tied with it the first ones in (C, H, W) order
+    fill the remaining places (see `top_k_of_keys`).
+    """
+    flat = x.detach().reshape(len(x), -1)
     out = None if workspace is None else workspace[: flat.numel()].view(flat.shape)
     keys = order_keys(flat, out)
     kth_key = keys.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    return keep_top_k(x, keys, kth_key, k)
+    return top_k_of_keys(keys, kth_key, k).view(x.shape)
 
 
-def keep_top_k(x: torch.Tensor, keys: torch.Tensor, kth_key: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    """Keep the k values of each sample with the largest keys, ties broken by the lower (C, H, W) index.
+def top_k_of_keys(keys: torch.Tensor, kth_key: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """Mask of the k largest keys of each row, ties broken by the lower (C, H, W) index.
 
-    `keys` are x's order keys as (samples, C*H*W) in logical order, `kth_key` each sample's k-th
-    largest key as a column. bf16 maps hold many equal values; keeping all of them would keep more
-    than k (+3% at rho 0.01 on relu(randn) maps), and an index order makes the choice the same on
-    every replica and memory format.
+    `keys` are order keys as (samples, C*H*W) in logical order, `kth_key` each row's k-th largest
+    key as a column. bf16 maps hold many equal values; keeping all of them would keep more than k
+    (+3% at rho 0.01 on relu(randn) maps), and an index order makes the choice the same on every
+    replica and memory format.
     """
     above = keys > kth_key
     tied = keys == kth_key
     ties_kept = k - above.sum(dim=1, keepdim=True)
-    kept = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= ties_kept))
+    return above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= ties_kept))
+
+
+def keep_where(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     # where() saves only the bool mask for backward and routes the gradient to kept values alone.
-    return torch.where(kept.view(x.shape), x, 0.0)
+    return torch.where(kept, x, 0.0)
 
 
 def top_k_per_sample_traced(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.Tensor:
@@ -77,4 +86,4 @@ def top_k_per_sample_traced(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.
     keys = order_keys(x.detach().reshape(x.shape[0], values_per_sample))
     k = (keep_ratio.to(torch.float64) * values_per_sample).floor().clamp(1, values_per_sample).to(torch.int64)
     kth_key = keys.sort(dim=1, descending=True).values.index_select(1, (k - 1).reshape(1))
-    return keep_top_k(x, keys, kth_key, k)
+    return keep_where(x, top_k_of_keys(keys, kth_key, k).view(x.shape))

@@ -165,8 +165,11 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, sparsity.new_site).to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    sparsity.to(device)  # rho, tau and the step counts live where the sites run
     # DDP averages gradients; every replica already starts from the same seeded initialization.
     trained = DistributedDataParallel(model) if world_size > 1 else model
+    if cfg.train.compile:
+        trained = torch.compile(trained)  # training forwards only; evaluation runs `model` eagerly
     optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg), momentum=cfg.optim.momentum,
                                 nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
