@@ -33,7 +33,7 @@ SWEEP_SCRIPT = """
 import json, sys
 from sparsedist.launch.tune import run_sweep, sweep_spec
 args = json.loads(sys.argv[1])
-spec = sweep_spec("smoke", args["space"], overrides=args["overrides"], scheduler="asha")
+spec = sweep_spec("smoke", args["space"], overrides=args["overrides"], **args["spec"])
 trials = run_sweep(spec, args["sweep_dir"], max_concurrent=2, resume=args["resume"])
 print("SWEEP DONE", {t.trial_id: t.status for t in trials})
 """
@@ -112,8 +112,36 @@ def test_asha_settings_are_refused_without_asha(tmp_path):
     with pytest.raises(SpaceError) as caught:
         sweep_spec("smoke", space, grace_period=2, reduction_factor=1)
     message = caught.value.format()
-    assert "--grace-period: is an ASHA setting; the sweep's scheduler is fifo" in message
+    assert "--grace-period: is a setting of --scheduler asha; the sweep's scheduler is fifo" in message
     assert "--reduction-factor: must be >= 2" in message
+
+
+def test_pbt_mutates_controller_values_only_and_needs_a_checkpoint_every_perturbation(tmp_path):
+    space = write_space(tmp_path, "controller.tighten_pct: {uniform: [0.01, 0.1]}\nrun.seed: {grid: [0, 1]}\n"
+                                  "sparsity.scope: {choice: [layer, network]}\ncontroller.cooldown: {grid: [1, 2]}\n")
+    spec = sweep_spec("smoke", space, scheduler="pbt", perturbation_interval=3,
+                      overrides=["train.checkpoint_every_epochs=2"])
+    assert spec.perturbation_interval == 3 and spec.grace_period is None
+    with pytest.raises(SpaceError) as caught:
+        run_sweep(spec, str(tmp_path / "sweep"))
+    problems = {path: message for path, message, _ in caught.value.problems}
+    assert set(problems) == {"sparsity.scope", "controller.cooldown", "train.checkpoint_every_epochs"}
+    assert problems["sparsity.scope"].startswith("PBT mutates controller settings")
+    assert "must divide --perturbation-interval 3" in problems["train.checkpoint_every_epochs"]
+    assert not (tmp_path / "sweep").exists()
+    assert sweep_spec("smoke", space, scheduler="pbt").perturbation_interval == 2  # the default
+
+
+def test_pbt_explore_stays_inside_the_space():
+    from sparsedist.launch.space import parse_space
+
+    space = parse_space({"controller.tighten_pct": {"uniform": [0.01, 0.1]}, "controller.cooldown": {"randint": [0, 6]},
+                         "controller.interval": {"choice": [2, 4]}, "run.seed": {"grid": [0, 1]}})
+    assert set(space.mutations()) == {"controller.tighten_pct", "controller.cooldown", "controller.interval"}
+    assert space.mutations()["controller.interval"] == [2, 4]  # lists: PBT shifts to a neighbour
+    explored = {"controller.tighten_pct": 0.12, "controller.cooldown": 7, "controller.interval": 4, "run.seed": 1}
+    assert space.clip(explored) == {"controller.tighten_pct": 0.1, "controller.cooldown": 5, "controller.interval": 4,
+                                    "run.seed": 1}
 
 
 def test_concurrency_beyond_the_embedded_cluster_is_refused_with_the_numbers():
@@ -178,9 +206,10 @@ def test_existing_sweep_needs_resume_and_resume_needs_the_same_sweep(tmp_path):
 
 
 # ------------------------------------------------------------------------- the tiny sweep, on Ray
-def launch_sweep(space: str, sweep_dir: Path, data_root: Path, resume: bool) -> subprocess.Popen:
-    args = {"space": space, "sweep_dir": str(sweep_dir), "resume": resume,
-            "overrides": [f"data.root={data_root}", *TINY_OVERRIDES]}
+def launch_sweep(space: str, sweep_dir: Path, data_root: Path, resume: bool, spec: dict = {"scheduler": "asha"},
+                 overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+    args = {"space": space, "sweep_dir": str(sweep_dir), "resume": resume, "spec": spec,
+            "overrides": [f"data.root={data_root}", *TINY_OVERRIDES, *overrides]}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-c", SWEEP_SCRIPT, json.dumps(args)], cwd=str(REPO), env=env,
@@ -282,6 +311,100 @@ def test_report_runs_on_the_sweep_outputs(resumed_sweep, tmp_path):
     for name in ("accuracy_vs_keep.png", "keep_trajectory.png", "train_vs_val.png"):
         assert imread(tmp_path / name)[..., :3].std() > 0.05, name
     assert "| controller=" in (tmp_path / "report.md").read_text()
+
+# ------------------------------------------------------------------------------- PBT, on Ray
+PBT_SPACE = "controller.tighten_pct: {uniform: [0.03, 0.3]}\n"
+# Four epochs, a perturbation after each; keep_min 0.05 leaves rho room to move; no checkpoint rotated away.
+PBT_OVERRIDES = ("train.epochs=4", "controller.keep_min=0.05", "run.checkpoints_to_keep=8")
+
+
+@pytest.fixture(scope="module")
+def pbt_sweep(tmp_path_factory):
+    """Two trials of the smoke controller under PBT, perturbed every epoch."""
+    root = tmp_path_factory.mktemp("pbt")
+    sweep = launch_sweep(write_space(root, PBT_SPACE), root / "sweep", root / "data", resume=False,
+                         spec={"scheduler": "pbt", "perturbation_interval": 1, "num_samples": 2}, overrides=PBT_OVERRIDES)
+    output = sweep.communicate(timeout=SWEEP_TIMEOUT_S)[0]
+    assert sweep.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
+    return root / "sweep"
+
+
+def tune_results(sweep_dir: Path, trial_id: str) -> list[dict]:
+    """What the trial reported to Tune, one row per report (Tune's own record, beside our run directories)."""
+    return [json.loads(line) for line in (sweep_dir / "tune" / trial_id / "result.json").open()]
+
+
+def replay_epoch(cfg, state):
+    """The first epoch after `state`, trained here by the loop with `cfg`: its epoch record."""
+    import torch
+
+    from sparsedist.data import build_loaders
+    from sparsedist.train.loop import train
+
+    records = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(end):
+        records.append(end.record)
+        raise Stop
+
+    loaders = build_loaders(cfg, epoch=state["epoch"] + 1)
+    with pytest.raises(Stop):
+        train(cfg, loaders, device=torch.device("cpu"), on_epoch_end=stop, resume_state=state)
+    return records[0]
+
+
+@pytest.mark.slow
+def test_pbt_exploit_continues_the_donors_weights_under_the_mutated_controller_setting(pbt_sweep):
+    import torch
+    import yaml
+
+    from sparsedist.config import apply_overrides, validate
+    from sparsedist.launch.trial import START_DIR
+    from sparsedist.report.evaluate import evaluate_checkpoint
+    from sparsedist.report.sweep import read_trials
+    from sparsedist.train.checkpoint import load_checkpoint
+
+    trials = read_trials(str(pbt_sweep))
+    exploited = [t for t in trials if t.exploits]
+    assert len(trials) == 2 and exploited, "PBT never exploited: " + str([t.params for t in trials])
+    for trial in exploited:
+        run_dir = pbt_sweep / TRIALS_DIR / trial.trial_id
+        exploit = trial.exploits[-1]  # the run directory holds the lineage since the last exploit
+        epoch, donor, mutated = exploit["epoch"], exploit["donor"], exploit["params"]["controller.tighten_pct"]
+        donor_params = next(r["config"] for r in tune_results(pbt_sweep, donor) if r["epoch"] == epoch)
+        assert mutated != donor_params["controller.tighten_pct"]
+        records = [json.loads(line) for line in (run_dir / METRICS_FILE).open()]
+        after = [r for r in records if r["epoch"] > epoch]
+        assert after and [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1, 2, 3]
+
+        # The mutated value is in force: every tightening after the exploit multiplies rho by 1 - mutated.
+        steps = [r for r in after if r["kind"] == "step" and not r["skipped"]]
+        tightened = [(a, b) for a, b in zip(steps, steps[1:]) if a["event"] == "tighten" and b["step"] == a["step"] + 2]
+        assert tightened, [r["event"] for r in steps]
+        for before, next_decision in tightened:
+            assert next_decision["keep_ratio"] == pytest.approx(max(0.05, before["keep_ratio"] * (1 - mutated)), rel=1e-12)
+
+        # The weights are the donor's: the state the trial started from scores what the donor logged at that epoch.
+        start = str(run_dir / START_DIR)
+        logged = next(r for r in tune_results(pbt_sweep, donor) if r["epoch"] == epoch)
+        accuracy = evaluate_checkpoint(start, device=torch.device("cpu")).accuracy
+        for split, key in (("val", "1.00"), ("test", "1.00"), ("test", "0.20")):
+            assert accuracy[split][key] == logged[f"eval/{split}/accuracy/keep_{key}"], (split, key)
+
+        # And the epoch after the exploit is one epoch from that state under the mutated config, not the donor's.
+        cfg = validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        state = load_checkpoint(start)
+        first_after = next(r for r in after if r["kind"] == "epoch")
+        replayed = replay_epoch(cfg, state)
+        assert (replayed["keep_ratio"], replayed["train_loss"]) == pytest.approx(
+            (first_after["keep_ratio"], first_after["train_loss"]), rel=1e-6)
+        assert replayed["eval"] == first_after["eval"]
+        unmutated = replay_epoch(validate(apply_overrides(cfg.to_dict(), donor_params)), state)
+        assert unmutated["keep_ratio"] != pytest.approx(first_after["keep_ratio"], rel=1e-6)
+
 
 def test_only_trials_tune_counts_as_failed_get_an_error(tmp_path):
     from ray.air.result import Result

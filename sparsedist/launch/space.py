@@ -80,6 +80,18 @@ class Dimension:
             return tune.quniform(self.low, self.high, self.q)
         return {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint}[self.kind](self.low, self.high)
 
+    def mutation(self):
+        """What PBT's explore draws from: the option list (it shifts to a neighbour or resamples), or the range as
+        a Tune domain (it scales the value by 0.8 or 1.2, or resamples)."""
+        return list(self.options) if self.kind in OPTION_KINDS else self.to_tune()
+
+    def clip(self, value: Any) -> Any:
+        """A value PBT scaled, back inside the range (Tune's explore does not clip)."""
+        if self.kind in OPTION_KINDS:
+            return value
+        value = min(max(value, self.low), self.high - 1 if self.kind == "randint" else self.high)
+        return round(value / self.q) * self.q if self.kind == "quniform" else value
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -96,6 +108,19 @@ class SearchSpace:
     def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """A trial's sampled values as config overrides ({path: config value})."""
         return {d.path: d.config_value(sampled[d.path]) for d in self.dimensions}
+
+    @property
+    def mutated(self) -> tuple[Dimension, ...]:
+        """The dimensions PBT mutates: every one but the grids (a grid only lays out the population)."""
+        return tuple(d for d in self.dimensions if d.kind != "grid")
+
+    def mutations(self) -> dict[str, Any]:
+        """PBT's hyperparam_mutations."""
+        return {d.path: d.mutation() for d in self.mutated}
+
+    def clip(self, config: dict[str, Any]) -> dict[str, Any]:
+        """PBT's custom_explore_fn: a perturbed trial config with every mutated value inside its range."""
+        return {**config, **{d.path: d.clip(config[d.path]) for d in self.mutated}}
 
     def corner_combinations(self) -> list[dict[str, Any]]:
         corners = [d.corners() for d in self.dimensions]

@@ -2,9 +2,10 @@
 
 Before anything launches, the base config, the search space and the metric are checked together
 (`space.check_space`): one error lists every problem. Then `sweep.yaml` records what is swept, and a
-Tuner runs `trial_driver` per sampled configuration (the Train V2 + Tune pattern: the trial is the
+Tuner runs `trial.trial_driver` per sampled configuration (the Train V2 + Tune pattern: the trial is the
 Train driver, its workers are separate actors sized by `scaling`). Every trial trains in its own run
-directory <sweep_dir>/trials/<trial_id> (the train layout), ASHA stops trials on the per-epoch metric,
+directory <sweep_dir>/trials/<trial_id> (the train layout); ASHA stops trials on the per-epoch metric,
+FIFO runs them all to the end, PBT has the worst continue from the best with mutated controller settings;
 and `resume` restores the Tuner: finished trials are kept, unfinished ones continue from their last
 checkpoint. At the end sweep.csv, summary.md and the HParams view are written (`report.sweep`).
 """
@@ -25,14 +26,11 @@ import yaml
 from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
-from sparsedist.rundir import SUMMARY_FILE, prepare_run_dir
+from sparsedist.rundir import SUMMARY_FILE
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
-from sparsedist.launch.train import make_trainer, write_json_atomic
-from sparsedist.logging import flatten_epoch
-from sparsedist.report.runs import is_run_dir, read_run
+from sparsedist.launch.train import write_json_atomic
 from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
-                                     read_sweep_file, read_trials, record_trial_error, write_sweep_results,
-                                     write_trial_file)
+                                     read_sweep_file, read_trials, record_trial_error, write_sweep_results)
 
 DEFAULT_METRIC = "eval/val/accuracy/keep_1.00"
 TUNE_DIR = "tune"
@@ -42,7 +40,15 @@ DRIVER_CPUS = 0.1
 # ASHA: by default every trial gets at least one epoch; each rung keeps the better half.
 ASHA_GRACE_EPOCHS = 1
 ASHA_REDUCTION_FACTOR = 2
-SCHEDULERS = ("asha", "fifo")
+# PBT: by default the population is compared, and its worst quarter exploits its best, every 2 epochs.
+PBT_INTERVAL_EPOCHS = 2
+SCHEDULERS = ("asha", "fifo", "pbt")
+# Each scheduler's own settings: SweepSpec field -> (flag, default, minimum).
+SCHEDULER_SETTINGS = {
+    "asha": {"grace_period": ("--grace-period", ASHA_GRACE_EPOCHS, 1),
+             "reduction_factor": ("--reduction-factor", ASHA_REDUCTION_FACTOR, 2)},
+    "pbt": {"perturbation_interval": ("--perturbation-interval", PBT_INTERVAL_EPOCHS, 1)},
+}
 
 
 class SweepError(RuntimeError):
@@ -61,6 +67,7 @@ class SweepSpec:
     num_samples: int = 1  # samples of the random dimensions; grids are crossed with every sample
     grace_period: int | None = None  # ASHA only: epochs before a trial can be stopped
     reduction_factor: int | None = None  # ASHA only: 1/reduction_factor of the trials go on at each rung
+    perturbation_interval: int | None = None  # PBT only: epochs between exploit/explore decisions
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,35 +83,38 @@ def default_scheduler(space: Any) -> str:
 
 def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
                scheduler: str | None = None, num_samples: int = 1, grace_period: int | None = None,
-               reduction_factor: int | None = None) -> SweepSpec:
+               reduction_factor: int | None = None, perturbation_interval: int | None = None) -> SweepSpec:
     """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set); without a
-    scheduler, `default_scheduler` picks one from the space."""
+    scheduler, `default_scheduler` picks one from the space. A scheduler's settings take their defaults."""
+    given = {"grace_period": grace_period, "reduction_factor": reduction_factor,
+             "perturbation_interval": perturbation_interval}
     problems = []
     if scheduler is not None and scheduler not in SCHEDULERS:
         problems.append(("--scheduler", f"must be one of {', '.join(SCHEDULERS)}", scheduler))
     if num_samples < 1:
         problems.append(("--num-samples", "must be >= 1", num_samples))
-    if grace_period is not None and grace_period < 1:
-        problems.append(("--grace-period", "must be >= 1 epoch", grace_period))
-    if reduction_factor is not None and reduction_factor < 2:
-        problems.append(("--reduction-factor", "must be >= 2", reduction_factor))
     try:
         space = yaml.safe_load(Path(space_file).read_text())
     except (OSError, yaml.YAMLError) as error:
         problems.append((space_file, f"cannot read the search space: {error}", None))
         space = None
     scheduler = scheduler or default_scheduler(space)
-    if scheduler != "asha":
-        problems += [(flag, f"is an ASHA setting; the sweep's scheduler is {scheduler} (pass --scheduler asha)", value)
-                     for flag, value in (("--grace-period", grace_period), ("--reduction-factor", reduction_factor))
-                     if value is not None]
+    settings = {}
+    for owner, owned in SCHEDULER_SETTINGS.items():
+        for field, (flag, default, minimum) in owned.items():
+            value = given[field]
+            if value is not None and value < minimum:
+                problems.append((flag, f"must be >= {minimum}", value))
+            elif value is not None and owner != scheduler:
+                problems.append((flag, f"is a setting of --scheduler {owner}; the sweep's scheduler is {scheduler}", value))
+            elif owner == scheduler:
+                settings[field] = default if value is None else value
     if problems:
         raise SpaceError(problems)
     base = apply_overrides(load_source(config), list(overrides))
     mode = "min" if metric.endswith("loss") else "max"
-    asha = {"grace_period": grace_period or ASHA_GRACE_EPOCHS, "reduction_factor": reduction_factor or ASHA_REDUCTION_FACTOR}
     return SweepSpec(base=base, space=space, metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
-                     **(asha if scheduler == "asha" else {}))
+                     **settings)
 
 
 def check_sweep(spec: SweepSpec) -> tuple[SearchSpace, list[Config]]:
@@ -115,38 +125,37 @@ def check_sweep(spec: SweepSpec) -> tuple[SearchSpace, list[Config]]:
         # Seeded runs are deterministic: repeating a grid would count identical runs as independent samples.
         raise SpaceError([("--num-samples", "a space of grids only would repeat identical trials; sweep run.seed "
                                             "for repetitions", spec.num_samples)])
-    return space, check_space(space, spec.base, spec.metric)
+    configs = check_space(space, spec.base, spec.metric)
+    if spec.scheduler == "pbt":
+        pbt_problems = check_pbt(space, configs, spec.perturbation_interval)
+        if pbt_problems:
+            raise SpaceError(pbt_problems)
+    return space, configs
 
 
-def trial_config(spec: dict[str, Any], sampled: dict[str, Any], trial_id: str, sweep_dir: str) -> Config:
-    """A trial's config: base, then its sampled values, then its own run name and directory."""
-    data = apply_overrides(spec["base"], parse_space(spec["space"]).overrides(sampled))
-    return validate(apply_overrides(data, {"run.name": trial_id, "run.run_dir": os.path.join(sweep_dir, TRIALS_DIR, trial_id)}))
-
-
-def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: str) -> None:
-    """One Tune trial: train the sampled config through Ray Train, forwarding rank 0's epoch reports to Tune."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(spec, sampled, trial_id, sweep_dir)
-    run_dir = cfg.run.run_dir
-    if is_run_dir(run_dir) and (run := read_run(run_dir)).completed:
-        # Interrupted after its last epoch but before Tune recorded the end: hand Tune the final result again.
-        tune.report(flatten_epoch(run.epochs[-1]))
-        return
-    # A restored trial finds its run directory and Ray Train resumes from its last registered checkpoint.
-    cfg = prepare_run_dir(cfg, resume=is_run_dir(run_dir))
-    write_trial_file(run_dir, trial_id, sampled)
-    # Nothing follows fit(): ASHA stops every trial at its last report (max_t), and a stopped trial's fit()
-    # raises like a failed one. `run_sweep` writes summary.json and errors once the Tuner has ended.
-    make_trainer(cfg, callbacks=[TuneReportCallback()], quiet=True).fit()
+def check_pbt(space: SearchSpace, configs: list[Config], interval: int) -> list[tuple[str, str, Any]]:
+    """PBT mutates controller settings of one population: a trial continues another's checkpoint, so every
+    trial must share the model, data and strategy (a run.seed grid lays out the population), and every
+    perturbation epoch must have a checkpoint to hand over."""
+    problems = []
+    for dimension in space.dimensions:
+        if dimension.path == SEED_PATH and dimension.kind == "grid":
+            continue
+        if (not dimension.path.startswith("controller.") or dimension.path == "controller.strategy"
+                or dimension.kind == "grid" or dimension.labelled is not None):
+            problems.append((dimension.path, "PBT mutates controller settings: sample single controller.* values "
+                             "(not the strategy, a section or a grid); only run.seed may be a grid", dimension.kind))
+    if not space.mutated:
+        problems.append(("--space", "PBT needs at least one sampled controller.* value to mutate", space.paths))
+    for every in sorted({c.train.checkpoint_every_epochs for c in configs if interval % c.train.checkpoint_every_epochs}):
+        problems.append(("train.checkpoint_every_epochs", f"must divide --perturbation-interval {interval}: PBT hands "
+                         "over the checkpoint of every perturbation epoch", every))
+    return problems
 
 
 def record_trial_errors(sweep_dir: str, results) -> None:
     """Put the error of every trial Tune counts as failed into its trial.json (Tune's verdict, not the
-    driver's: see `trial_driver`)."""
+    driver's: see `trial.trial_driver`)."""
     for result in results:
         trial_id = os.path.basename(result.path)
         run_dir = os.path.join(sweep_dir, TRIALS_DIR, trial_id)
@@ -231,6 +240,20 @@ def write_sweep_file(spec: SweepSpec, sweep_dir: str) -> None:
         yaml.safe_dump(spec.to_dict(), handle, sort_keys=False)
 
 
+def make_scheduler(spec: SweepSpec, space: SearchSpace, max_epochs: int):
+    """Tune's trial scheduler; its time unit is the training iteration, one per epoch report."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if spec.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=spec.grace_period,
+                             reduction_factor=spec.reduction_factor)
+    if spec.scheduler == "pbt":
+        # Tune's explore scales ranges by 0.8 / 1.2 without regard to their bounds: `space.clip` puts them back.
+        return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=spec.perturbation_interval,
+                                       hyperparam_mutations=space.mutations(), custom_explore_fn=space.clip)
+    return FIFOScheduler()
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = None, resume: bool = False,
               resource_wait_s: float = RESOURCE_WAIT_S) -> list[Trial]:
     """Run (or resume) the sweep in `sweep_dir`; returns its trials once sweep.csv and summary.md are written.
@@ -238,17 +261,17 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
     space, corner_configs = check_sweep(spec)
     sweep_dir = os.path.abspath(sweep_dir)
     check_sweep_dir(spec, sweep_dir, resume)
     scaling = largest_scaling(corner_configs)
-    trainable = tune.with_resources(partial(trial_driver, spec=spec.to_dict(), sweep_dir=sweep_dir), {"cpu": DRIVER_CPUS})
     tune_dir = os.path.join(sweep_dir, TUNE_DIR)
     with ray_session(scaling, resource_wait_s=resource_wait_s):
         import ray
+
+        from sparsedist.launch.trial import trial_driver  # imports Ray: only once ray_session has set its environment
 
         concurrency = trial_concurrency(max_concurrent, scaling, ray.cluster_resources(),
                                         attached=bool(os.environ.get("RAY_ADDRESS")))
@@ -257,13 +280,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
         # Once, here: data problems fail before any trial, and the trials find their files ready.
         for data in {c.data.model_dump_json(): c.data for c in corner_configs}.values():
             prepare(data)
+        trainable = tune.with_resources(partial(trial_driver, spec=spec.to_dict(), sweep_dir=sweep_dir),
+                                        {"cpu": DRIVER_CPUS})
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
         else:  # a fresh sweep, or one interrupted before Tune saved any state
-            max_epochs = max(c.train.epochs for c in corner_configs)
-            scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=max_epochs, grace_period=spec.grace_period,
-                                       reduction_factor=spec.reduction_factor)
-                         if spec.scheduler == "asha" else FIFOScheduler())
+            scheduler = make_scheduler(spec, space, max_epochs=max(c.train.epochs for c in corner_configs))
             tuner = tune.Tuner(
                 trainable,
                 param_space=space.to_tune(),
@@ -294,12 +316,15 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trials at once (default: as many as the cluster fits by each trial's scaling; more than "
                              "fit is refused on the embedded cluster, warned about on an attached one)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None,
-                        help="asha (early stopping) or fifo (every trial to the end); default: fifo for a space with a "
-                             "run.seed grid or of grids only (seed studies), else asha")
+                        help="asha (early stopping), fifo (every trial to the end) or pbt (population-based training "
+                             "over controller settings); default: fifo for a space with a run.seed grid or of grids "
+                             "only (seed studies), else asha")
     parser.add_argument("--grace-period", type=int, default=None,
                         help=f"ASHA: epochs every trial runs before it can be stopped (default {ASHA_GRACE_EPOCHS})")
     parser.add_argument("--reduction-factor", type=int, default=None,
                         help=f"ASHA: 1 in this many trials goes on at each rung (default {ASHA_REDUCTION_FACTOR})")
+    parser.add_argument("--perturbation-interval", type=int, default=None,
+                        help=f"PBT: epochs between exploit/explore decisions (default {PBT_INTERVAL_EPOCHS})")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"per-epoch metric to optimize (default {DEFAULT_METRIC})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base config field by dotted path (repeatable)")
@@ -313,7 +338,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
     try:
         spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
                           num_samples=args.num_samples, grace_period=args.grace_period,
-                          reduction_factor=args.reduction_factor)
+                          reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval)
         trials = run_sweep(spec, sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume)
     except ConfigError as error:  # SpaceError included
         print(error.format(), file=sys.stderr)

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import yaml
@@ -46,6 +46,8 @@ class Trial:
     params: dict[str, Any]  # sampled values as Tune returned them (labels for labelled options)
     error: str | None
     run: RunRecords
+    # PBT: every time this trial continued another's checkpoint: {"epoch", "donor", "params"} (params after it)
+    exploits: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -82,15 +84,20 @@ def _number(value: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------ reading
-def write_trial_file(run_dir: str, trial_id: str, params: dict[str, Any], error: str | None = None) -> None:
+def write_trial_file(run_dir: str, trial_id: str, params: dict[str, Any], error: str | None = None,
+                     exploits: Iterable[dict[str, Any]] = ()) -> None:
     with open(os.path.join(run_dir, TRIAL_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"trial_id": trial_id, "params": params, "error": error}, handle, indent=2)
+        json.dump({"trial_id": trial_id, "params": params, "error": error, "exploits": list(exploits)}, handle, indent=2)
+
+
+def read_trial_file(run_dir: str) -> dict[str, Any]:
+    with open(os.path.join(run_dir, TRIAL_FILE), encoding="utf-8") as handle:
+        return {"exploits": [], **json.load(handle)}  # trial.json of older sweeps has no exploits
 
 
 def record_trial_error(run_dir: str, error: str) -> None:
-    with open(os.path.join(run_dir, TRIAL_FILE), encoding="utf-8") as handle:
-        data = json.load(handle)
-    write_trial_file(run_dir, data["trial_id"], data["params"], error=error)
+    data = read_trial_file(run_dir)
+    write_trial_file(run_dir, data["trial_id"], data["params"], error=error, exploits=data["exploits"])
 
 
 def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
@@ -103,11 +110,10 @@ def read_trials(sweep_dir: str) -> list[Trial]:
     root = os.path.join(sweep_dir, TRIALS_DIR)
     trials = []
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        trial_file = os.path.join(root, name, TRIAL_FILE)
-        if os.path.isfile(trial_file):
-            with open(trial_file, encoding="utf-8") as handle:
-                data = json.load(handle)
-            trials.append(Trial(data["trial_id"], data["params"], data["error"], read_run(os.path.join(root, name))))
+        run_dir = os.path.join(root, name)
+        if os.path.isfile(os.path.join(run_dir, TRIAL_FILE)):
+            data = read_trial_file(run_dir)
+            trials.append(Trial(data["trial_id"], data["params"], data["error"], read_run(run_dir), data["exploits"]))
     return trials
 
 
