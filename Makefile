@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 
-.PHONY: setup system-deps test demo bench clean
+.PHONY: setup system-deps test demo bench gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,17 @@ demo: setup
 bench: setup
 	$(VENV)/bin/sparsedist bench sparsity
 	$(VENV)/bin/sparsedist bench data
+
+# On a GPU machine, with its own python3 (no venv there): GPU tests and CUDA benchmarks into one
+# JSON and a text summary ($OUT, else ./gpu-check). Missing packages come from wheels/.
+gpu-check:
+	python3 -m sparsedist.gpu_check
+
+# Here, with network: the cp312 manylinux wheels of what the GPU machine lacks (pydantic and its
+# dependencies, about 3 MB), pinned to this venv's pydantic.
+gpu-wheels:
+	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --implementation cp --abi cp312 -d wheels "pydantic==$$($(PY) -c 'import pydantic; print(pydantic.VERSION)')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

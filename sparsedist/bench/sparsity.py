@@ -25,8 +25,9 @@ from torch.nn import functional as F
 
 from sparsedist.bench import run_benchmark
 from sparsedist.models.wrn import WideResNet, identity_site
-from sparsedist.sparsity import ActivationSparsity
-from sparsedist.sparsity.layer import kept_per_sample
+from sparsedist.sparsity import ActivationSparsity, ops
+from sparsedist.sparsity.layer import keep_where, kept_per_sample, top_k_per_sample
+from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
 
 # Largest step time over dense's (issue 10): CPU fp32 batch 32, and CUDA bf16 batch 128.
 TARGET_RATIO = {"cpu": {"network": 1.03, "layer": 1.10}, "cuda": {"network": 1.05, "layer": 1.05}}
@@ -202,6 +203,75 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
         "meets_target": {scope: ratios[scope] <= limit for scope, limit in targets.items()},
         "realized_keep": {name: stats.realized_keep for name, stats in last_stats.items()},
     }
+
+
+def site_shapes(depth: int, widen_factor: int, image_size: int) -> list[tuple[int, int, int]]:
+    """(C, H, W) of every sparsity site of a WRN on square RGB images, in forward order."""
+    shapes: list[tuple[int, int, int]] = []
+
+    def recording_site(name: str) -> nn.Module:
+        return _LambdaSite(lambda x: shapes.append(tuple(x.shape[1:])) or x)
+
+    with torch.no_grad():
+        WideResNet(depth, widen_factor, make_site=recording_site)(torch.zeros(1, 3, image_size, image_size))
+    return shapes
+
+
+def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: int = 28, widen_factor: int = 4,
+                       image_size: int = 32, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                       channels_last: bool = True, repeats: int = 20) -> dict:
+    """Forward cost of the constraint alone on every site shape of a WRN: kernels vs the alternatives.
+
+    Per distinct shape, the median milliseconds of: `layer` by the kernel (mask + where), by
+    torch.topk + scatter (the plain reference) and by the eager path; `network` by the fused kernel
+    and by the eager path (histogram + threshold, two passes). Totals weigh shapes by their site
+    count. Inputs are relu(randn) maps; tau keeps about rho of them.
+    """
+    device = torch.device(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    keep_ratio_tensor = torch.tensor(keep_ratio, dtype=torch.float64, device=device)
+    counts: dict[tuple[int, int, int], int] = {}
+    for shape in site_shapes(depth, widen_factor, image_size):
+        counts[shape] = counts.get(shape, 0) + 1
+    per_shape, total = [], {"layer": {}, "network": {}}
+    for shape, sites in counts.items():
+        generator = torch.Generator().manual_seed(shape[0])
+        x = torch.relu(torch.randn(batch_size, *shape, generator=generator)).to(device, dtype, memory_format=memory_format)
+        tau = float(x.flatten()[: 1 << 20].float().quantile(1 - keep_ratio))
+        tau_tensor = torch.tensor(tau, device=device)
+        variants = {
+            "layer": {"kernel": lambda: keep_where(x, ops.top_k_mask(x, keep_ratio_tensor, True)),
+                      "topk_scatter": lambda: reference_top_k_per_sample(x, keep_ratio),
+                      "eager": lambda: top_k_per_sample(x, keep_ratio)},
+            "network": {"kernel": lambda: ops.zero_below_with_histogram(x, tau_tensor, True),
+                        "eager": lambda: (zero_below(x, tau), bit_histogram(x, histogram_origin(tau)))},
+        }
+        row = {"shape": list(shape), "sites": sites}
+        for scope, functions in variants.items():
+            row[scope] = {f"{name}_ms": _median_ms(function, device, repeats) for name, function in functions.items()}
+            for key, ms in row[scope].items():
+                total[scope][key] = total[scope].get(key, 0.0) + sites * ms
+        per_shape.append(row)
+    for scope in total:
+        total[scope]["compared"] = [key.removesuffix("_ms") for key in total[scope] if key != "kernel_ms"]
+    return {"setup": {"batch_size": batch_size, "keep_ratio": keep_ratio, "depth": depth, "widen_factor": widen_factor,
+                      "device": str(device), "dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
+                      "repeats": repeats},
+            "per_shape": per_shape, "total": total}
+
+
+def _median_ms(function: Callable[[], object], device: torch.device, repeats: int) -> float:
+    function()  # warm-up (and the kernels' compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
 
 
 def format_table(result: dict) -> str:

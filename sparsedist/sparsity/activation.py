@@ -167,7 +167,8 @@ class ActivationSparsity:
     def _record(self, index: int, x: torch.Tensor, y: torch.Tensor, histogram: torch.Tensor | None) -> None:
         counts, sites = self._counts, len(self._site_names)
         if histogram is None:
-            counts[self._histogram_bins + index] += torch.count_nonzero(y)
+            # bool().sum() counts what count_nonzero counts (NaN included), 10x faster on CPU
+            counts[self._histogram_bins + index] += y.bool().sum()
         else:
             # Kept values are exactly those in the bins at or above tau's origin.
             counts[:HISTOGRAM_BINS] += histogram

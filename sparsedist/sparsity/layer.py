@@ -43,17 +43,28 @@ def top_k_per_sample(x: torch.Tensor, keep_ratio: float, workspace: torch.Tensor
 
 
 def top_k_mask(x: torch.Tensor, k: int, workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Each sample's k kept values as a bool mask shaped like x (contiguous).
+    """Each sample's k kept values as a bool mask shaped like x, in x's memory format.
 
     Each sample's k-th largest value is found (the smallest of an unsorted topk on the order keys),
     every value above it is kept, and of the values tied with it the first ones in (C, H, W) order
-    fill the remaining places (see `top_k_of_keys`).
+    fill the remaining places (see `top_k_of_keys`; skipped when no sample has such ties, the usual
+    float32 case, since it costs a scan). The check reads one flag on the host: this is the CPU
+    path (CUDA runs `kernels.top_k_mask`).
     """
     flat = x.detach().reshape(len(x), -1)
     out = None if workspace is None else workspace[: flat.numel()].view(flat.shape)
     keys = order_keys(flat, out)
     kth_key = keys.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    return top_k_of_keys(keys, kth_key, k).view(x.shape)
+    kept = keys >= kth_key
+    if bool((kept.sum(dim=1) > k).any()):  # values tied with the k-th: only some of them may stay
+        kept = top_k_of_keys(keys, kth_key, k)
+    # The mask's layout decides the output's: a channels_last map must stay channels_last.
+    return kept.view(x.shape).contiguous(memory_format=memory_format(x))
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def top_k_of_keys(keys: torch.Tensor, kth_key: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
