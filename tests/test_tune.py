@@ -19,7 +19,7 @@ from sparsedist.launch.space import SpaceError
 from sparsedist.launch.tune import SweepError, add_tune_arguments, run_sweep, sweep_spec, tune_from_args
 from sparsedist.report.evaluate import add_eval_arguments, eval_from_args
 from sparsedist.report.page import add_report_arguments, report_from_args
-from sparsedist.report.sweep import CSV_FILE, SUMMARY_MD, TRIALS_DIR
+from sparsedist.report.sweep import CSV_FILE, SUMMARY_MD, TRIALS_DIR, read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = """
@@ -34,7 +34,7 @@ import json, sys
 from sparsedist.launch.tune import run_sweep, sweep_spec
 args = json.loads(sys.argv[1])
 spec = sweep_spec("smoke", args["space"], overrides=args["overrides"], **args["spec"])
-trials = run_sweep(spec, args["sweep_dir"], max_concurrent=2, resume=args["resume"])
+trials = run_sweep(spec, args["sweep_dir"], max_concurrent=args["max_concurrent"], resume=args["resume"])
 print("SWEEP DONE", {t.trial_id: t.status for t in trials})
 """
 SWEEP_TIMEOUT_S = 420
@@ -144,6 +144,31 @@ def test_pbt_explore_stays_inside_the_space():
                                     "run.seed": 1}
 
 
+def test_optuna_is_seeded_limited_and_refuses_grids(tmp_path):
+    from sparsedist.launch.space import parse_space
+    from sparsedist.launch.tune import make_search_alg
+
+    space_text = "controller.tighten_pct: {loguniform: [0.005, 0.1]}\ncontroller.cooldown: {randint: [0, 6]}\n"
+    spec = sweep_spec("smoke", write_space(tmp_path, space_text), search_alg="optuna")
+
+    def suggestions(spec):
+        search = make_search_alg(spec, concurrency=1)
+        search.set_search_properties(spec.metric, spec.mode, parse_space(spec.space).to_tune())
+        return search.suggest("first"), search.suggest("second")
+
+    (first, blocked), (again, _) = suggestions(spec), suggestions(spec)
+    assert blocked is None  # one trial at a time: the next waits for a result
+    assert first == again and 0.005 <= first["controller.tighten_pct"] <= 0.1 and 0 <= first["controller.cooldown"] < 6
+    reseeded, _ = suggestions(sweep_spec("smoke", write_space(tmp_path, space_text), search_alg="optuna",
+                                         overrides=["run.seed=1"]))
+    assert reseeded != first
+    with pytest.raises(SpaceError, match="cannot cross a grid"):
+        run_sweep(sweep_spec("smoke", write_space(tmp_path, space_text + "run.seed: {grid: [0, 1]}"),
+                             search_alg="optuna"), str(tmp_path / "sweep"))
+    with pytest.raises(SpaceError, match="PBT explores the settings itself"):
+        sweep_spec("smoke", write_space(tmp_path, space_text), search_alg="optuna", scheduler="pbt")
+
+
 def test_concurrency_beyond_the_embedded_cluster_is_refused_with_the_numbers():
     from sparsedist.config import ScalingConfig
     from sparsedist.launch.tune import trial_concurrency
@@ -207,8 +232,8 @@ def test_existing_sweep_needs_resume_and_resume_needs_the_same_sweep(tmp_path):
 
 # ------------------------------------------------------------------------- the tiny sweep, on Ray
 def launch_sweep(space: str, sweep_dir: Path, data_root: Path, resume: bool, spec: dict = {"scheduler": "asha"},
-                 overrides: tuple[str, ...] = ()) -> subprocess.Popen:
-    args = {"space": space, "sweep_dir": str(sweep_dir), "resume": resume, "spec": spec,
+                 overrides: tuple[str, ...] = (), max_concurrent: int = 2) -> subprocess.Popen:
+    args = {"space": space, "sweep_dir": str(sweep_dir), "resume": resume, "spec": spec, "max_concurrent": max_concurrent,
             "overrides": [f"data.root={data_root}", *TINY_OVERRIDES, *overrides]}
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
@@ -231,12 +256,10 @@ def trial_fingerprint(run_dir: Path) -> tuple:
     return metrics.read_bytes(), metrics.stat().st_mtime_ns, (run_dir / PIDS_DIR / "rank0.pid").read_text()
 
 
-@pytest.fixture(scope="module")
-def resumed_sweep(tmp_path_factory):
-    """A 4-trial ASHA sweep, interrupted (SIGINT, as Ctrl-C) once a trial has finished, then resumed."""
-    root = tmp_path_factory.mktemp("tune")
-    space, sweep_dir, data_root = write_space(root, TINY_SPACE), root / "sweep", root / "data"
-    first = launch_sweep(space, sweep_dir, data_root, resume=False)
+def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, max_concurrent: int = 2) -> dict:
+    """A sweep interrupted (SIGINT, as Ctrl-C) once a trial has finished, then resumed to its end."""
+    space, sweep_dir, data_root = write_space(root, space_text), root / "sweep", root / "data"
+    first = launch_sweep(space, sweep_dir, data_root, resume=False, spec=spec, max_concurrent=max_concurrent)
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
     while not completed_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
@@ -245,12 +268,43 @@ def resumed_sweep(tmp_path_factory):
     output = first.communicate(timeout=180)[0]
     finished_before = {d.name: trial_fingerprint(d) for d in completed_trials(sweep_dir)}
     started_before = sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
-    assert finished_before and len(finished_before) < 4, output[-5000:]
+    params_before = {name: json.loads((sweep_dir / TRIALS_DIR / name / "trial.json").read_text())["params"]
+                     for name in started_before}
+    assert finished_before and len(finished_before) < trials, output[-5000:]
 
-    second = launch_sweep(space, sweep_dir, data_root, resume=True)
+    second = launch_sweep(space, sweep_dir, data_root, resume=True, spec=spec, max_concurrent=max_concurrent)
     output = second.communicate(timeout=SWEEP_TIMEOUT_S)[0]
     assert second.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
-    return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before}
+    return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before,
+            "params_before": params_before}
+
+
+@pytest.fixture(scope="module")
+def resumed_sweep(tmp_path_factory):
+    """A 4-trial ASHA sweep, interrupted once a trial has finished, then resumed."""
+    return interrupt_and_resume(tmp_path_factory.mktemp("tune"), TINY_SPACE, trials=4, spec={"scheduler": "asha"})
+
+
+@pytest.fixture(scope="module")
+def resumed_optuna_sweep(tmp_path_factory):
+    """Two trials suggested by Optuna one after the other (FIFO), interrupted once the first has finished, then
+    resumed: Tune restores Optuna's study, which must suggest the second trial and no more."""
+    return interrupt_and_resume(tmp_path_factory.mktemp("optuna"), "controller.tighten_pct: {loguniform: [0.01, 0.3]}\n",
+                                trials=2, spec={"scheduler": "fifo", "search_alg": "optuna", "num_samples": 2},
+                                max_concurrent=1)
+
+
+@pytest.mark.slow
+def test_interrupted_optuna_sweep_resumes_its_trials_and_suggests_no_more(resumed_optuna_sweep):
+    sweep_dir = resumed_optuna_sweep["sweep_dir"]
+    trials = {t.trial_id: t for t in read_trials(str(sweep_dir))}
+    assert len(trials) == 2 and {t.status for t in trials.values()} == {"completed"}
+    for name, fingerprint in resumed_optuna_sweep["finished_before"].items():
+        assert trial_fingerprint(sweep_dir / TRIALS_DIR / name) == fingerprint, f"{name} was rerun"
+    for name, params in resumed_optuna_sweep["params_before"].items():
+        assert trials[name].params == params  # a trial started before the interruption kept Optuna's suggestion
+    values = [t.params["controller.tighten_pct"] for t in trials.values()]
+    assert len(set(values)) == 2 and all(0.01 <= v <= 0.3 for v in values)
 
 
 @pytest.mark.slow
@@ -364,7 +418,6 @@ def test_pbt_exploit_continues_the_donors_weights_under_the_mutated_controller_s
     from sparsedist.config import apply_overrides, validate
     from sparsedist.launch.trial import START_DIR
     from sparsedist.report.evaluate import evaluate_checkpoint
-    from sparsedist.report.sweep import read_trials
     from sparsedist.train.checkpoint import load_checkpoint
 
     trials = read_trials(str(pbt_sweep))
@@ -412,7 +465,7 @@ def test_only_trials_tune_counts_as_failed_get_an_error(tmp_path):
     from sparsedist.config import load_config
     from sparsedist.rundir import prepare_run_dir
     from sparsedist.launch.tune import record_trial_errors
-    from sparsedist.report.sweep import read_trials, write_trial_file
+    from sparsedist.report.sweep import write_trial_file
 
     for trial_id in ("a_00000", "a_00001"):
         run_dir = str(tmp_path / TRIALS_DIR / trial_id)

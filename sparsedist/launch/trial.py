@@ -1,10 +1,9 @@
 """One Tune trial (imported inside the trial's actor): the Train V2 + Tune pattern, where the trial is the
 Ray Train driver and its workers are separate actors sized by the trial's `scaling`.
 
-Reports. A Ray Train callback, running in the Train controller, puts rank 0's epoch metrics (all-reduced
-before they are reported) and the path of the checkpoint registered with them on a queue; the trial's own
-thread takes them off and reports them to Tune, while `fit()` runs in a second thread. Reporting from the
-trial's thread is what lets a report carry a Tune checkpoint, which PBT needs.
+Reports. Rank 0's epoch metrics reach the trial through `forwarding` (a queue fed by a Ray Train
+callback), and the trial's own thread reports them to Tune: that is what lets a report carry a Tune
+checkpoint, which PBT needs.
 
 PBT. The report of every perturbation epoch carries a hand-off: a copy of that epoch's Train checkpoint,
 the run's metrics up to it, and whose it is. When PBT exploits, Tune restarts the trial with the mutated
@@ -20,16 +19,15 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 from ray import tune
-from ray.train.v2.api.callback import UserCallback
-from ray.util.queue import Empty, Queue
+from ray.util.queue import Queue
 
 from sparsedist.config import Config, apply_overrides, validate
+from sparsedist.launch.forwarding import ForwardReports, fit_and_forward
 from sparsedist.launch.space import parse_space
 from sparsedist.launch.train import make_trainer, raise_run_error
 from sparsedist.logging import JsonLinesTail, flatten_epoch
@@ -40,45 +38,12 @@ from sparsedist.rundir import METRICS_FILE, prepare_run_dir
 HANDOFF_FILE = "handoff.json"  # {"trial_id", "epoch"}: whose state, after which epoch
 HANDOFF_STATE_DIR = "state"  # the Train checkpoint of that epoch
 START_DIR = "start"  # in an exploited trial's run directory: the donor's state it continued from
-QUEUE_POLL_S = 1.0
 
 
 def trial_config(spec: dict[str, Any], sampled: dict[str, Any], trial_id: str, sweep_dir: str) -> Config:
     """A trial's config: base, then its sampled values, then its own run name and directory."""
     data = apply_overrides(spec["base"], parse_space(spec["space"]).overrides(sampled))
     return validate(apply_overrides(data, {"run.name": trial_id, "run.run_dir": os.path.join(sweep_dir, TRIALS_DIR, trial_id)}))
-
-
-class ForwardReports(UserCallback):
-    """Ray Train callback: (rank 0's metrics, registered checkpoint path or None) onto the trial's queue."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        self.queue.put((metrics[0], checkpoint.path if checkpoint is not None else None))
-
-
-def fit_and_forward(trainer, queue: Queue, report: Callable[[dict[str, Any], str | None], None]) -> None:
-    """`trainer.fit()` in a thread, every forwarded report passed to `report` in this thread; fit's error re-raised."""
-    failures: list[BaseException] = []
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as error:  # handed to the trial's thread, which Tune watches
-            failures.append(error)
-
-    thread = threading.Thread(target=fit, name="train-fit", daemon=True)
-    thread.start()
-    # The queue holds one report: the Train controller waits in `put` until this loop has taken the last one.
-    while thread.is_alive() or not queue.empty():
-        try:
-            report(*queue.get(timeout=QUEUE_POLL_S))
-        except Empty:
-            continue
-    if failures:
-        raise failures[0]
 
 
 def write_handoff(directory: str, trial_id: str, run_dir: str, epoch: int, checkpoint_path: str) -> None:

@@ -43,6 +43,7 @@ ASHA_REDUCTION_FACTOR = 2
 # PBT: by default the population is compared, and its worst quarter exploits its best, every 2 epochs.
 PBT_INTERVAL_EPOCHS = 2
 SCHEDULERS = ("asha", "fifo", "pbt")
+SEARCH_ALGS = ("random", "optuna")
 # Each scheduler's own settings: SweepSpec field -> (flag, default, minimum).
 SCHEDULER_SETTINGS = {
     "asha": {"grace_period": ("--grace-period", ASHA_GRACE_EPOCHS, 1),
@@ -68,6 +69,7 @@ class SweepSpec:
     grace_period: int | None = None  # ASHA only: epochs before a trial can be stopped
     reduction_factor: int | None = None  # ASHA only: 1/reduction_factor of the trials go on at each rung
     perturbation_interval: int | None = None  # PBT only: epochs between exploit/explore decisions
+    search_alg: str = "random"  # random (grids crossed with random samples) or optuna (TPE)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +85,8 @@ def default_scheduler(space: Any) -> str:
 
 def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
                scheduler: str | None = None, num_samples: int = 1, grace_period: int | None = None,
-               reduction_factor: int | None = None, perturbation_interval: int | None = None) -> SweepSpec:
+               reduction_factor: int | None = None, perturbation_interval: int | None = None,
+               search_alg: str = "random") -> SweepSpec:
     """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set); without a
     scheduler, `default_scheduler` picks one from the space. A scheduler's settings take their defaults."""
     given = {"grace_period": grace_period, "reduction_factor": reduction_factor,
@@ -93,12 +96,17 @@ def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metri
         problems.append(("--scheduler", f"must be one of {', '.join(SCHEDULERS)}", scheduler))
     if num_samples < 1:
         problems.append(("--num-samples", "must be >= 1", num_samples))
+    if search_alg not in SEARCH_ALGS:
+        problems.append(("--search-alg", f"must be one of {', '.join(SEARCH_ALGS)}", search_alg))
     try:
         space = yaml.safe_load(Path(space_file).read_text())
     except (OSError, yaml.YAMLError) as error:
         problems.append((space_file, f"cannot read the search space: {error}", None))
         space = None
     scheduler = scheduler or default_scheduler(space)
+    if search_alg == "optuna" and scheduler == "pbt":
+        problems.append(("--search-alg", "PBT explores the settings itself: use --search-alg random with --scheduler pbt",
+                         search_alg))
     settings = {}
     for owner, owned in SCHEDULER_SETTINGS.items():
         for field, (flag, default, minimum) in owned.items():
@@ -114,13 +122,16 @@ def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metri
     base = apply_overrides(load_source(config), list(overrides))
     mode = "min" if metric.endswith("loss") else "max"
     return SweepSpec(base=base, space=space, metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
-                     **settings)
+                     search_alg=search_alg, **settings)
 
 
 def check_sweep(spec: SweepSpec) -> tuple[SearchSpace, list[Config]]:
     """The parsed space and its validated corner configs; ConfigError/SpaceError before any trial starts."""
     validate(spec.base)
     space = parse_space(spec.space)
+    if spec.search_alg == "optuna" and (grids := [d.path for d in space.dimensions if d.kind == "grid"]):
+        raise SpaceError([(path, "Optuna suggests every value itself and cannot cross a grid: use choice", "grid")
+                          for path in grids])
     if spec.num_samples > 1 and all(d.kind == "grid" for d in space.dimensions):
         # Seeded runs are deterministic: repeating a grid would count identical runs as independent samples.
         raise SpaceError([("--num-samples", "a space of grids only would repeat identical trials; sweep run.seed "
@@ -228,8 +239,9 @@ def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
         stored = read_sweep_file(sweep_dir)
         differences = sorted(k for k in stored.keys() | spec.to_dict().keys() if stored.get(k) != spec.to_dict().get(k))
         if differences:
-            raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} "
-                             "(resume with the same --config, --space, --set, --metric, --scheduler, --num-samples and scheduler settings)")
+            raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} (resume with "
+                             "the same --config, --space, --set, --metric, --scheduler and its settings, --search-alg "
+                             "and --num-samples)")
     elif os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
         raise SweepError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or choose another --sweep-dir")
 
@@ -254,6 +266,21 @@ def make_scheduler(spec: SweepSpec, space: SearchSpace, max_epochs: int):
     return FIFOScheduler()
 
 
+def make_search_alg(spec: SweepSpec, concurrency: int):
+    """How the trials' configurations are chosen, seeded with the base's run.seed so that the same sweep
+    samples the same configurations; it also limits how many trials run at once (Tune ignores
+    TuneConfig.max_concurrent_trials once a search algorithm is given)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    seed = validate(spec.base).run.seed
+    if spec.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        # TPE, Optuna's default sampler: each new trial is suggested from the results so far.
+        return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = None, resume: bool = False,
               resource_wait_s: float = RESOURCE_WAIT_S) -> list[Trial]:
     """Run (or resume) the sweep in `sweep_dir`; returns its trials once sweep.csv and summary.md are written.
@@ -261,7 +288,6 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
     from ray import tune
-    from ray.tune.search import BasicVariantGenerator
 
     space, corner_configs = check_sweep(spec)
     sweep_dir = os.path.abspath(sweep_dir)
@@ -291,11 +317,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                 param_space=space.to_tune(),
                 tune_config=tune.TuneConfig(
                     metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
-                    # Seeded sampling: the same sweep samples the same configurations. (Tune ignores
-                    # TuneConfig.max_concurrent_trials once a generator is given: the generator limits it.)
-                    search_alg=BasicVariantGenerator(max_concurrent=concurrency,
-                                                     random_state=validate(spec.base).run.seed),
+                    search_alg=make_search_alg(spec, concurrency),
                     trial_dirname_creator=trial_dirname,
+                    # The next trial runs in the finished trial's driver process: no new process, no imports again.
+                    reuse_actors=True,
                 ),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir),
             )
@@ -319,6 +344,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="asha (early stopping), fifo (every trial to the end) or pbt (population-based training "
                              "over controller settings); default: fifo for a space with a run.seed grid or of grids "
                              "only (seed studies), else asha")
+    parser.add_argument("--search-alg", choices=SEARCH_ALGS, default="random",
+                        help="random: grids crossed with seeded random samples (default); optuna: Optuna's TPE suggests "
+                             "each trial from the results so far (no grids)")
     parser.add_argument("--grace-period", type=int, default=None,
                         help=f"ASHA: epochs every trial runs before it can be stopped (default {ASHA_GRACE_EPOCHS})")
     parser.add_argument("--reduction-factor", type=int, default=None,
@@ -338,7 +366,8 @@ def tune_from_args(args: argparse.Namespace) -> int:
     try:
         spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
                           num_samples=args.num_samples, grace_period=args.grace_period,
-                          reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval)
+                          reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval,
+                          search_alg=args.search_alg)
         trials = run_sweep(spec, sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume)
     except ConfigError as error:  # SpaceError included
         print(error.format(), file=sys.stderr)
