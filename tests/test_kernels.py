@@ -100,7 +100,8 @@ def test_a_model_trains_bitwise_alike_with_kernels_and_with_the_eager_path(scope
             logits.float().square().mean().backward()
             stats = sparsity.finish_step()
             sparsity.set_keep_ratio(0.1)
-            record += [logits.detach(), [p.grad.clone() for p in model.parameters()], stats, sparsity.threshold]
+            record += [logits.detach(), [p.grad.clone() for p in model.parameters()], stats.realized_keep,
+                       stats.site_density, stats.threshold, sparsity.threshold]
         runs.append(record)
     ours, reference = runs
     for mine, theirs in zip(ours, reference):

@@ -16,6 +16,7 @@ compiled graph and needs no host round trip. Elsewhere (CPU eager) the sites use
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -42,11 +43,37 @@ Scope = Literal["layer", "network"]
 SCOPES = ("layer", "network")
 
 
-@dataclass(frozen=True)
 class StepStats:
-    realized_keep: float  # fraction of all site values of the global batch that were nonzero after the constraint
-    site_density: dict[str, float]  # the same fraction per site (sites that ran)
-    threshold: float  # the tau this step ran with (network scope; always 0.0 in layer scope)
+    """One training step's all-reduced statistics. They stay on the device until a field is read (a
+    logging point), which copies them to the host once; `kept_fraction` stays a device tensor."""
+
+    def __init__(self, kept: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor, site_names: list[str]):
+        self._counts = torch.cat([kept, values, threshold.to(torch.float64).view(1)])  # one copy when read
+        self._site_names = site_names
+        self.kept_fraction = kept.sum().double() / values.sum().double()  # realized_keep, on the device
+
+    @functools.cached_property
+    def _host(self) -> tuple[list[int], list[int], float]:
+        sites = len(self._site_names)
+        counts = self._counts.tolist()
+        return [int(k) for k in counts[:sites]], [int(v) for v in counts[sites:2 * sites]], counts[-1]
+
+    @property
+    def realized_keep(self) -> float:
+        """Fraction of all site values of the global batch that were nonzero after the constraint."""
+        kept, values, _ = self._host
+        return sum(kept) / sum(values)
+
+    @property
+    def site_density(self) -> dict[str, float]:
+        """The same fraction per site (sites that ran)."""
+        kept, values, _ = self._host
+        return {name: k / v for name, k, v in zip(self._site_names, kept, values) if v}
+
+    @property
+    def threshold(self) -> float:
+        """The tau this step ran with (network scope; always 0.0 in layer scope)."""
+        return self._host[2]
 
 
 @dataclass(frozen=True)
@@ -96,18 +123,17 @@ class ActivationSparsity:
         self.use_kernels = use_kernels
         self.collecting = True
         self._keep_ratio = _check_keep_ratio(keep_ratio)
-        self._threshold = 0.0
         self._site_names: list[str] = []
         # The same rho (float64) and tau (float32) on the device, for kernels and compiled graphs.
         self._keep_ratio_tensor = torch.tensor(self._keep_ratio, dtype=torch.float64)
-        self._threshold_tensor = torch.tensor(self._threshold, dtype=torch.float32)
+        self._threshold_tensor = torch.tensor(0.0, dtype=torch.float32)
         # This step's counts on the device: [histogram (network scope) | kept per site | values per site].
         self._counts: torch.Tensor | None = None
         self._recorded = False  # whether _counts holds a step's statistics
         self._site_step_bits: list[int | None] = []  # bit spacing of each site's dtype (see value_step_bits)
-        # The last reduced histogram (host), its origin, value count and value spacing: lets
-        # set_keep_ratio re-choose tau.
-        self._last_histogram: tuple[torch.Tensor, int, int, int] | None = None
+        # The last reduced histogram, its origin and value count (on the device) and value spacing:
+        # lets set_keep_ratio re-choose tau.
+        self._last_histogram: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
         # Scratch for the integer arithmetic of every site: on CPU a fresh large allocation page-faults
         # on first touch and costs more than the arithmetic itself.
         self._workspace_bytes: torch.Tensor | None = None
@@ -148,10 +174,10 @@ class ActivationSparsity:
         elif on_device:
             y, histogram = ops.zero_below_with_histogram(x, self._threshold_tensor, use_kernel)
         else:
-            y = zero_below(x, self._threshold)
+            threshold = self.threshold  # a host read: this is the CPU path
+            y = zero_below(x, threshold)
             if self.collecting:
-                histogram = bit_histogram(x, histogram_origin(self._threshold),
-                                          self._workspace(x.numel(), torch.int32, x.device))
+                histogram = bit_histogram(x, histogram_origin(threshold), self._workspace(x.numel(), torch.int32, x.device))
         if self.collecting:
             self._record(index, x, y, histogram)
         return y
@@ -184,8 +210,15 @@ class ActivationSparsity:
 
     @property
     def threshold(self) -> float:
-        """The tau in force (network scope); 0.0 means dense, and always in layer scope."""
-        return self._threshold
+        """The tau in force (network scope); 0.0 means dense, and always in layer scope.
+
+        tau lives on the device (a step chooses it there): reading it waits for the device."""
+        return self._threshold_tensor.item()
+
+    @property
+    def threshold_tensor(self) -> torch.Tensor:
+        """tau in force as a float32 scalar on the device (read it with the step's other numbers)."""
+        return self._threshold_tensor
 
     @property
     def site_names(self) -> list[str]:
@@ -200,13 +233,16 @@ class ActivationSparsity:
         """Bytes each replica all-reduces per step: int64 histogram, kept and value counts per site."""
         return (self._histogram_bins + 2 * len(self._site_names)) * 8
 
-    def _set(self, keep_ratio: float, threshold: float) -> None:
-        """The one place rho and tau change: the Python values and their device tensors together."""
-        if threshold != self._threshold and self._recorded:
+    def _set(self, keep_ratio: float, threshold: float | torch.Tensor) -> None:
+        """The one place rho and tau change: rho on the host and the device, tau on the device."""
+        if self.scope == "network" and self._recorded:
             raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
-        self._keep_ratio, self._threshold = keep_ratio, threshold
-        self._keep_ratio_tensor.fill_(keep_ratio)  # a fill, not a copy from the host: no sync
-        self._threshold_tensor.fill_(threshold)
+        self._keep_ratio = keep_ratio
+        self._keep_ratio_tensor.fill_(keep_ratio)  # fills and device copies: no host round trip
+        if isinstance(threshold, torch.Tensor):
+            self._threshold_tensor.copy_(threshold)
+        else:
+            self._threshold_tensor.fill_(threshold)
 
     def set_keep_ratio(self, keep_ratio: float) -> None:
         keep_ratio = _check_keep_ratio(keep_ratio)
@@ -214,27 +250,27 @@ class ActivationSparsity:
             return  # finish_step already chose tau for this rho: called every step, most calls change nothing
         self._set(keep_ratio, self._next_threshold(keep_ratio))
 
-    def _next_threshold(self, keep_ratio: float) -> float:
+    def _next_threshold(self, keep_ratio: float) -> float | torch.Tensor:
         """tau for `keep_ratio` from the last step's statistics (network scope; 0.0 in layer scope)."""
         if self.scope == "layer" or keep_ratio >= 1.0:
             return 0.0
         if self._last_histogram is None:  # no statistics yet (first step, or just resumed): keep tau
-            return self._threshold
+            return self._threshold_tensor.clone()
         histogram, origin, values, step_bits = self._last_histogram
-        return threshold_for_count(histogram, origin, kept_per_sample(values, keep_ratio), step_bits)
+        # k = max(1, int(rho * values)) as kept_per_sample, on the device
+        target = (values.double() * keep_ratio).floor().clamp(min=1).to(torch.int64)
+        return threshold_for_count(histogram, origin, target, step_bits)
 
     def finish_step(self, process_group: dist.ProcessGroup | None = None) -> StepStats:
-        """All-reduce this step's statistics, return them, and (network scope) choose the next tau."""
-        threshold_used = self._threshold
+        """All-reduce this step's statistics, return them, and (network scope) choose the next tau.
+
+        All on the device: nothing here waits for it (the statistics are read when logged)."""
+        threshold_used = self._threshold_tensor.clone()
         histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
         if self.scope == "network":
-            self._last_histogram = (histogram, origin, sum(values), step_bits)
+            self._last_histogram = (histogram, origin, values.sum(), step_bits)
             self._set(self._keep_ratio, self._next_threshold(self._keep_ratio))
-        return StepStats(
-            realized_keep=sum(kept) / sum(values),
-            site_density={name: k / v for name, k, v in zip(self._site_names, kept, values) if v},
-            threshold=threshold_used,
-        )
+        return StepStats(kept, values, threshold_used, self._site_names)
 
     def discard_step(self) -> None:
         """Drop this step's statistics (a skipped step); tau and rho stay as they are."""
@@ -242,20 +278,23 @@ class ActivationSparsity:
             self._counts.zero_()
         self._recorded = False
 
-    def _reduce_pending(self, process_group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, list[int], list[int], int]:
+    def _reduce_pending(self, process_group: dist.ProcessGroup | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """One all-reduce of [histogram | kept per site | values per site]; clears the pending step.
 
-        Returns the histogram, its origin, kept and value counts per site, and the value spacing."""
+        Returns (on the device) the histogram, its origin (of the tau in force), kept and value
+        counts per site, and the value spacing."""
         if not self._recorded:
             raise RuntimeError("no statistics: run a forward with collecting=True since the last finish_step()")
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._counts, group=process_group)
-        buffer = self._counts.to("cpu", copy=True)
+        reduced = self._counts.clone()
         self.discard_step()
         sites = len(self._site_names)
-        histogram, kept, values = buffer.split([self._histogram_bins, sites, sites])
+        histogram, kept, values = reduced.split([self._histogram_bins, sites, sites])
+        origin = self._threshold_tensor.view(torch.int32).to(torch.int64).clamp(min=1)  # as histogram_origin
         step_bits = min(bits for bits in self._site_step_bits if bits is not None)
-        return histogram, histogram_origin(self._threshold), kept.tolist(), values.tolist(), step_bits
+        return histogram, origin, kept, values, step_bits
 
     # ------------------------------------------------------------------ evaluation
     def set_regime(self, keep_ratio: float, threshold: float | None = None) -> None:
@@ -274,7 +313,7 @@ class ActivationSparsity:
     @contextlib.contextmanager
     def regime(self, keep_ratio: float, threshold: float | None = None) -> Iterator[None]:
         """Run at another rho (layer scope) or a fixed tau (network scope); restores rho and tau after."""
-        saved = self._keep_ratio, self._threshold
+        saved = self._keep_ratio, self._threshold_tensor.clone()
         self.set_regime(keep_ratio, threshold)
         try:
             yield
@@ -296,7 +335,7 @@ class ActivationSparsity:
             return CalibrationResult(threshold=0.0, realized_keep=math.nan, iterations=0, converged=True)
         if self._recorded:
             raise RuntimeError("calibrate() with step statistics pending: call finish_step() or discard_step() first")
-        saved = self._keep_ratio, self._threshold, self.collecting
+        saved = self._keep_ratio, self._threshold_tensor.clone(), self.collecting
         self.collecting = True
         keeps_too_much, keeps_too_little = 0, float_to_bits(math.inf) + 1  # tau bit patterns bracketing the answer
         tau_bits, best = 0, None
@@ -305,18 +344,19 @@ class ActivationSparsity:
                 self._set(keep_ratio, bits_to_float(tau_bits))
                 run_forward()
                 histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
-                realized = sum(kept) / sum(values)
+                kept, values = kept.sum().item(), values.sum().item()
+                realized = kept / values
                 error = abs(realized / keep_ratio - 1.0)
                 if best is None or error < best[0]:
-                    best = (error, self._threshold, realized)
+                    best = (error, bits_to_float(tau_bits), realized)
                 if error <= tolerance:
                     break
                 if realized > keep_ratio:
                     keeps_too_much = max(keeps_too_much, tau_bits)
                 else:
                     keeps_too_little = min(keeps_too_little, tau_bits)
-                target = kept_per_sample(sum(values), keep_ratio)
-                proposal = float_to_bits(threshold_for_count(histogram, origin, target, step_bits))
+                target = kept_per_sample(values, keep_ratio)
+                proposal = float_to_bits(threshold_for_count(histogram, origin, target, step_bits).item())
                 if proposal in (keeps_too_much, keeps_too_little):  # a tried tau: its untried neighbour inside
                     proposal += step_bits if proposal == keeps_too_much else -step_bits
                 if not keeps_too_much < proposal < keeps_too_little:
@@ -336,7 +376,7 @@ class ActivationSparsity:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, float | str]:
         """Plain data (loads with torch.load(weights_only=True)); taken between steps."""
-        return {"scope": self.scope, "keep_ratio": self._keep_ratio, "threshold": self._threshold}
+        return {"scope": self.scope, "keep_ratio": self._keep_ratio, "threshold": self.threshold}
 
     def load_state_dict(self, state: dict[str, float | str]) -> None:
         if state["scope"] != self.scope:

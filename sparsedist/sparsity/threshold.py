@@ -67,7 +67,8 @@ def value_step_bits(dtype: torch.dtype) -> int:
     return _VALUE_STEP_BITS.get(dtype, 1)
 
 
-def threshold_for_count(histogram: torch.Tensor, origin: int, target: int, step_bits: int = 1) -> float:
+def threshold_for_count(histogram: torch.Tensor, origin: int | torch.Tensor, target: int | torch.Tensor,
+                        step_bits: int = 1) -> torch.Tensor:
     """The tau that keeps about `target` values of a histogram made with `origin` (0.0: keep everything).
 
     Bins are walked from the top; inside the bin where the count reaches `target` tau is interpolated
@@ -76,26 +77,30 @@ def threshold_for_count(histogram: torch.Tensor, origin: int, target: int, step_
     holds one value, which is then kept or dropped whole, whichever lands nearer the target.
     Values in the bin holding bit pattern 0 (zeros, and subnormals below ~1e-40) never survive a
     positive tau, so when `target` reaches the count above that bin nothing can be removed: tau = 0.
-    Counts are compared as integers (a float target would promote them to float32, inexact above
-    2**24), so equal inputs give the bitwise-equal tau.
+
+    Tensor arithmetic only, on the histogram's device: a training step chooses tau without a host
+    round trip. Counts are compared as integers (a float target would promote them to float32,
+    inexact above 2**24) and the interpolation runs in float64 like Python's, so equal inputs give
+    the bitwise-equal tau. Returns a float32 scalar tensor.
     """
-    histogram = histogram.cpu()
-    # Reorder from storage (r mod 2**16) to ascending offsets r = -2**15 ... 2**15 - 1.
-    ordered = torch.cat([histogram[KEPT_BINS:], histogram[:KEPT_BINS]])
-    zero_offset = -origin >> BIN_SHIFT  # the bin r that holds bit pattern 0
-    first = zero_offset + 1 + KEPT_BINS  # ordered index of the lowest bin of strictly positive values
-    positive = ordered[first:]
+    device = histogram.device
+    origin = torch.as_tensor(origin, dtype=torch.int64, device=device)
+    target = torch.as_tensor(target, dtype=torch.int64, device=device)
+    # Reorder from storage (r mod 2**16) to ascending offsets r = -2**15 ... 2**15 - 1 (ordered index r + 2**15).
+    ordered = torch.cat([histogram[KEPT_BINS:], histogram[:KEPT_BINS]]).to(torch.int64)
+    first = torch.bitwise_right_shift(-origin, BIN_SHIFT) + 1 + KEPT_BINS  # lowest bin of strictly positive values
+    offsets = torch.arange(HISTOGRAM_BINS, device=device)
+    positive = torch.where(offsets >= first, ordered, 0)
     at_or_above = positive.flip(0).cumsum(0).flip(0)  # values in this bin or higher
-    if target >= at_or_above[0].item():
-        return 0.0
-    index = int((at_or_above >= target).nonzero()[-1].item())
-    in_bin = positive[index].item()
-    above = at_or_above[index].item() - in_bin
+    index = ((at_or_above >= target).sum() - 1).clamp(min=0).view(1)  # the last bin reaching target
+    in_bin = positive.index_select(0, index).clamp(min=1)
+    above = at_or_above.index_select(0, index) - in_bin
     steps_in_bin = (1 << BIN_SHIFT) // step_bits
-    steps_kept = round((target - above) / in_bin * steps_in_bin)
-    bin_low = origin + ((first + index - KEPT_BINS) << BIN_SHIFT)
-    tau_bits = -(-(bin_low + (1 << BIN_SHIFT)) // step_bits) * step_bits - steps_kept * step_bits
-    return bits_to_float(min(tau_bits, _LARGEST_BITS))
+    steps_kept = torch.round((target - above).double() / in_bin.double() * steps_in_bin).to(torch.int64)
+    bin_top = origin + (index - KEPT_BINS + 1) * (1 << BIN_SHIFT)  # offsets can be negative: no << here
+    tau_bits = -torch.div(-bin_top, step_bits, rounding_mode="floor") * step_bits - steps_kept * step_bits
+    tau_bits = torch.where(target >= at_or_above[0], 0, tau_bits.clamp(max=_LARGEST_BITS))
+    return tau_bits.to(torch.int32).view(torch.float32).view(())
 
 
 @functools.lru_cache(maxsize=64)

@@ -203,7 +203,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         events: Counter[str] = Counter()
         nonfinite_steps, realized_sum, epoch_start = 0, 0.0, time.perf_counter()
         for images, labels in loaders.train:
-            keep_used, threshold_used = sparsity.keep_ratio, sparsity.threshold
+            keep_used = sparsity.keep_ratio
             with autocast_for(cfg, device):
                 logits = trained(images)
                 loss = loss_fn(logits.float(), labels)
@@ -216,10 +216,13 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             batch = torch.stack([
                 loss.detach().double() * labels.numel(),
                 (logits.detach().argmax(dim=1) == labels).sum().double(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                torch.full((), labels.numel(), dtype=torch.float64, device=device),  # a fill: no host copy
                 (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).double(),
             ])
-            loss_sum, correct, count, nonfinite = all_reduce_sum(batch).tolist()
+            # The step's one read off the device: the skip decision and the controller need these
+            # numbers; tau in force (identical on every replica) rides along.
+            read = torch.cat([all_reduce_sum(batch), sparsity.threshold_tensor.double().view(1)])
+            loss_sum, correct, count, nonfinite, threshold_used = read.tolist()
             if nonfinite:
                 nonfinite_steps += 1
                 consecutive_nonfinite += 1
@@ -249,7 +252,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             loss_total += loss_sum
             correct_total += correct
             example_total += count
-            realized_sum += stats.realized_keep
+            realized_sum += stats.kept_fraction  # summed on the device, read at the epoch's end
             result.trajectory.append({"step": step, "keep_ratio": keep_used, "event": decision.event,
                                       "threshold": threshold_used})
             if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup"):
@@ -285,7 +288,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             "train_loss": loss_total / max(example_total, 1),
             "train_accuracy": train_accuracy, "at_chance": stalled,
             "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
-            "realized_keep": realized_sum / trained_steps, "events": dict(events),
+            "realized_keep": float(realized_sum) / trained_steps, "events": dict(events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
             "images_per_sec": example_total / train_time if train_time > 0 else 0.0,
             "nonfinite_steps": nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
