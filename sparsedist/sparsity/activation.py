@@ -4,13 +4,15 @@ One `ActivationSparsity` owns the keep ratio rho, the network-scope threshold ta
 of the current training step. The model receives `new_site` as its site factory; every site module
 forwards to the owner, so changing rho or tau changes every site at once.
 
-Statistics are counted on the device during training forwards (`collecting`), and read off it only
-in `finish_step` and `calibrate`, after one integer all-reduce, so every replica sees the same
-numbers and derives the same tau.
+Statistics are counted on the device during training forwards (`collecting`) and all-reduced as
+integers in `finish_step`, which chooses the next tau there too, so every replica sees the same
+numbers and derives the same tau. Nothing is read off the device until a statistic is logged (or
+`calibrate` runs, at evaluation).
 
-rho and tau also live in one-element tensors on the device (`to(device)`), which the sites read
-when they run the Triton kernels or run inside torch.compile: a new rho or tau then changes no
-compiled graph and needs no host round trip. Elsewhere (CPU eager) the sites use the Python values.
+rho is set on the host (by the controller); rho and tau live in one-element tensors on the device
+(`to(device)`), which the sites read when they run the Triton kernels or run inside torch.compile:
+a new rho or tau then changes no compiled graph and needs no host round trip. The CPU eager path
+reads tau on the host, where that costs nothing.
 """
 
 from __future__ import annotations

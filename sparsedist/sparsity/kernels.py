@@ -41,9 +41,8 @@ def supports(x: torch.Tensor, scope: str) -> bool:
     """Whether the kernel of `scope` takes x: float32/bf16, and for `layer` a contiguous or channels_last 4-D map."""
     if triton is None or x.dtype not in KERNEL_DTYPES:
         return False
-    if scope == "network":
-        return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-    return x.dim() == 4 and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+    dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    return dense and (scope == "network" or x.dim() == 4)
 
 
 if triton is not None:
