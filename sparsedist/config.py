@@ -302,6 +302,19 @@ class RunConfig(Section):
         return self.run_dir or os.path.abspath(os.path.join("runs", self.name))
 
 
+class TrackingConfig(Section):
+    backend: Literal["none", "mlflow"] = Field(
+        "none", description="Experiment tracking besides TensorBoard: mlflow logs the config as params, every metric "
+        "under its TensorBoard name and step, and config, summary and figures as artifacts (one MLflow run per run "
+        "directory, so one per sweep trial).",
+    )
+    uri: str | None = Field(
+        None, description="MLflow tracking URI (http://127.0.0.1:5000, sqlite:///mlflow.db, ...); default: "
+        "MLFLOW_TRACKING_URI, else MLflow's own default.",
+    )
+    experiment: str = Field("sparsedist", min_length=1, description="MLflow experiment the runs are logged to.")
+
+
 # ------------------------------------------------------------------------------------- root
 class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig, description="Dataset and loaders.")
@@ -313,6 +326,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Per-regime evaluation.")
     scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train resources.")
     run: RunConfig = Field(default_factory=RunConfig, description="Run identity, seed and fault tolerance.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow).")
 
     @model_validator(mode="after")
     def _rules(self) -> Config:

@@ -48,6 +48,7 @@ RESUME_SAFE_FIELDS = (
     "data.root", "data.source", "data.download", "data.loader_workers",
     "eval.batch_size", "train.log_every_steps",
     "run.init_from",  # read only by a run without a checkpoint of its own
+    "tracking.backend", "tracking.uri", "tracking.experiment",
 )
 
 

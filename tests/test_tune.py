@@ -20,6 +20,7 @@ from sparsedist.launch.tune import SweepError, add_tune_arguments, run_sweep, sw
 from sparsedist.report.evaluate import add_eval_arguments, eval_from_args
 from sparsedist.report.page import add_report_arguments, report_from_args
 from sparsedist.report.sweep import CSV_FILE, SUMMARY_MD, TRIALS_DIR, read_trials
+from tests.mlflow_server import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SPACE = """
@@ -256,10 +257,12 @@ def trial_fingerprint(run_dir: Path) -> tuple:
     return metrics.read_bytes(), metrics.stat().st_mtime_ns, (run_dir / PIDS_DIR / "rank0.pid").read_text()
 
 
-def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, max_concurrent: int = 2) -> dict:
+def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, max_concurrent: int = 2,
+                         overrides: tuple[str, ...] = ()) -> dict:
     """A sweep interrupted (SIGINT, as Ctrl-C) once a trial has finished, then resumed to its end."""
     space, sweep_dir, data_root = write_space(root, space_text), root / "sweep", root / "data"
-    first = launch_sweep(space, sweep_dir, data_root, resume=False, spec=spec, max_concurrent=max_concurrent)
+    first = launch_sweep(space, sweep_dir, data_root, resume=False, spec=spec, max_concurrent=max_concurrent,
+                         overrides=overrides)
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
     while not completed_trials(sweep_dir) and first.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
@@ -272,7 +275,8 @@ def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, m
                      for name in started_before}
     assert finished_before and len(finished_before) < trials, output[-5000:]
 
-    second = launch_sweep(space, sweep_dir, data_root, resume=True, spec=spec, max_concurrent=max_concurrent)
+    second = launch_sweep(space, sweep_dir, data_root, resume=True, spec=spec, max_concurrent=max_concurrent,
+                          overrides=overrides)
     output = second.communicate(timeout=SWEEP_TIMEOUT_S)[0]
     assert second.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
     return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before,
@@ -286,12 +290,19 @@ def resumed_sweep(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed_optuna_sweep(tmp_path_factory):
-    """Two trials suggested by Optuna one after the other (FIFO), interrupted once the first has finished, then
-    resumed: Tune restores Optuna's study, which must suggest the second trial and no more."""
+def tracking_uri(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def resumed_optuna_sweep(tmp_path_factory, tracking_uri):
+    """Two trials suggested by Optuna one after the other (FIFO), tracked in MLflow, interrupted once the first
+    has finished, then resumed: Tune restores Optuna's study, which must suggest the second trial and no more."""
     return interrupt_and_resume(tmp_path_factory.mktemp("optuna"), "controller.tighten_pct: {loguniform: [0.01, 0.3]}\n",
                                 trials=2, spec={"scheduler": "fifo", "search_alg": "optuna", "num_samples": 2},
-                                max_concurrent=1)
+                                max_concurrent=1, overrides=("tracking.backend=mlflow", f"tracking.uri={tracking_uri}",
+                                                             "tracking.experiment=optuna-sweep"))
 
 
 @pytest.mark.slow
@@ -305,6 +316,25 @@ def test_interrupted_optuna_sweep_resumes_its_trials_and_suggests_no_more(resume
         assert trials[name].params == params  # a trial started before the interruption kept Optuna's suggestion
     values = [t.params["controller.tighten_pct"] for t in trials.values()]
     assert len(set(values)) == 2 and all(0.01 <= v <= 0.3 for v in values)
+
+
+@pytest.mark.slow
+def test_each_sweep_trial_is_one_mlflow_run_also_across_a_resume(resumed_optuna_sweep, tracking_uri):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("optuna-sweep").experiment_id])
+    trials = {t.trial_id: t for t in read_trials(str(resumed_optuna_sweep["sweep_dir"]))}
+    assert sorted(r.info.run_name for r in runs) == sorted(trials)
+    for run in runs:
+        trial = trials[run.info.run_name]
+        assert run.info.status == "FINISHED" and float(run.data.params["controller.tighten_pct"]) == trial.params[
+            "controller.tighten_pct"]
+        final = trial.run.epochs[-1]
+        assert run.data.metrics["eval/val/accuracy/keep_1.00"] == final["eval"]["val"]["1.00"]
+        history = client.get_metric_history(run.info.run_id, "epoch/loss")
+        assert max(m.step for m in history) == final["step"]
+        assert {"config.yaml", "summary.json", "figures"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 @pytest.mark.slow

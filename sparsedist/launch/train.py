@@ -17,19 +17,30 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from sparsedist import storage
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
-from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
                                check_run_dir, prepare_run_dir)
 from sparsedist.storage import StorageError
+from sparsedist.tracking import log_outputs
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
 PROGRESS_POLL_S = 0.5
+# The metric that carries a deterministic failure from the workers (`worker.DETERMINISTIC_ERRORS`) to the driver,
+# which raises it as a failed run.
+RUN_ERROR_KEY = "sparsedist/error"
 
 
 class LaunchError(RuntimeError):
     """Training failed (after the restarts run.max_failures allows); the message holds the workers' errors."""
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function (`worker.train_worker`), imported in the worker process only: drivers,
+    a Tune trial's among them, start without FFCV and the training code (seconds of imports per trial)."""
+    from sparsedist.launch.worker import train_worker as run_worker
+
+    run_worker(config)
 
 
 def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
@@ -42,8 +53,6 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from sparsedist.launch.worker import train_worker
 
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
@@ -68,8 +77,6 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
 
 def raise_run_error(metrics: dict[str, Any] | None, run_dir: str) -> None:
     """LaunchError when the workers ended the run on a deterministic failure (reported, never retried)."""
-    from sparsedist.launch.worker import RUN_ERROR_KEY
-
     if metrics and RUN_ERROR_KEY in metrics:
         raise LaunchError(f"training stopped (not retried: it would fail the same way again): "
                           f"{metrics[RUN_ERROR_KEY]}\nrun directory: {run_dir}")
@@ -137,6 +144,8 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     with ray_session(cfg.scaling, resource_wait_s=resource_wait_s, log_to_driver=not progress.live):
         from ray.train import TrainingFailedError  # only now: ray_session sets Ray's environment first
 
+        from sparsedist.data import prepare  # torchvision and FFCV: only where data is prepared, not in Tune trials
+
         # Once, before any worker starts: data problems fail fast and the workers find the files ready.
         prepare(cfg.data)
         # Written only once the cluster and the data are known to work: a failed launch leaves no half-made run.
@@ -150,6 +159,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
             try:
                 result = trainer.fit()
             except TrainingFailedError as error:
+                log_outputs(cfg, status="FAILED")
                 raise LaunchError(f"training failed (run.max_failures={cfg.run.max_failures}); the run "
                                   f"directory {run_dir} can be resumed with --resume.\n{error}") from None
         raise_run_error(result.metrics, run_dir)
@@ -158,6 +168,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started, attempts=len(attempts),
                    provenance={k: v for k, v in attempts[-1].items() if k not in ("start_epoch", "started_at")})
     write_json_atomic(storage.join(run_dir, SUMMARY_FILE), summary)
+    log_outputs(cfg)  # MLflow: config, summary and figures as artifacts; ends the MLflow run
     return summary
 
 
@@ -202,6 +213,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def launch_and_report(launch: Callable[[], dict[str, Any]]) -> int:
     """Run a launch and print its result, or a one-paragraph error; returns the command's exit code
     (2: the request cannot run as given, 1: training failed)."""
+    from sparsedist.data import DataUnavailableError
+
     try:
         summary = launch()
     except (ConfigError, RunDirError, StorageError, ClusterError, DataUnavailableError) as error:

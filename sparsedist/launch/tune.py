@@ -27,6 +27,7 @@ from sparsedist.config import Config, ConfigError, ScalingConfig, apply_override
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.rundir import SUMMARY_FILE
+from sparsedist.tracking import log_outputs
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import write_json_atomic
 from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
@@ -44,6 +45,8 @@ ASHA_REDUCTION_FACTOR = 2
 PBT_INTERVAL_EPOCHS = 2
 SCHEDULERS = ("asha", "fifo", "pbt")
 SEARCH_ALGS = ("random", "optuna")
+# How a trial's MLflow run ends, by the trial's status.
+TRACKING_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
 # Each scheduler's own settings: SweepSpec field -> (flag, default, minimum).
 SCHEDULER_SETTINGS = {
     "asha": {"grace_period": ("--grace-period", ASHA_GRACE_EPOCHS, 1),
@@ -319,14 +322,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                     metric=spec.metric, mode=spec.mode, scheduler=scheduler, num_samples=spec.num_samples,
                     search_alg=make_search_alg(spec, concurrency),
                     trial_dirname_creator=trial_dirname,
-                    # The next trial runs in the finished trial's driver process: no new process, no imports again.
-                    reuse_actors=True,
+                    # Not reuse_actors: a trial that is stopped or paused (ASHA, PBT) must take its Train run with
+                    # it, and only the end of its driver's process ends the Train controller it owns.
                 ),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir),
             )
         results = tuner.fit()
     record_trial_errors(sweep_dir, results)
     write_completed_summaries(sweep_dir)
+    for trial in read_trials(sweep_dir):
+        log_outputs(trial.run.config, status=TRACKING_STATUS[trial.status])
     return write_sweep_results(sweep_dir)
 
 

@@ -28,10 +28,12 @@ from sparsedist import storage
 from sparsedist.config import Config, ConfigError, validate
 from sparsedist.data import build_loaders
 from sparsedist.launch.summary import summarize, summary_metrics
+from sparsedist.launch.train import RUN_ERROR_KEY
 from sparsedist.logging import (JsonLinesSink, TensorBoardSink, epoch_line, flatten_epoch, read_jsonl,
                                 rewind_jsonl)
 from sparsedist.provenance import banner, provenance
 from sparsedist.rundir import ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror
+from sparsedist.tracking import tracking_sinks
 from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, save_checkpoint
 from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
 
@@ -40,8 +42,6 @@ log = logging.getLogger("sparsedist")
 # Failures every rank meets at the same point (the loss is all-reduced; every rank loads the same
 # checkpoint and config): a restart would replay them, so they end the run instead of failing the worker.
 DETERMINISTIC_ERRORS = (NonFiniteLossError, CheckpointError, ConfigError)
-# The metric that carries such a failure to the driver (`launch.train` raises it as a failed run).
-RUN_ERROR_KEY = "sparsedist/error"
 
 
 def record_pid(directory: str, rank: int, node_id: str) -> None:
@@ -139,7 +139,7 @@ def run_replica(cfg: Config) -> None:
         rewind_jsonl(metrics_path, last_done_epoch)
         tensorboard = TensorBoardSink(mirror.path(TENSORBOARD_DIR),
                                       purge_step=None if resume_state is None else resume_state["step"] + 1)
-        sinks = [JsonLinesSink(metrics_path), tensorboard]
+        sinks = [JsonLinesSink(metrics_path), tensorboard, *tracking_sinks(cfg)]
     attempt_start, first_epoch = time.monotonic(), last_done_epoch + 1
 
     def on_epoch_end(end: EpochEnd) -> None:
