@@ -148,9 +148,11 @@ class RunMirror:
         and a stale mirror of an earlier attempt on this node must not leak in)."""
         if not storage.is_uri(self.run_dir):
             return
-        shutil.rmtree(self.local, ignore_errors=True)
-        os.makedirs(self.local)
         for name in self.PUBLISHED:
+            if os.path.isdir(self.path(name)):
+                shutil.rmtree(self.path(name))
+            elif os.path.exists(self.path(name)):
+                os.remove(self.path(name))
             storage.download(storage.join(self.run_dir, name), self.path(name))
 
     def publish(self) -> int:

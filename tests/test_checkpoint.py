@@ -1,4 +1,8 @@
+import hashlib
+import json
 import os
+import pickle
+import threading
 
 import pytest
 import torch
@@ -44,5 +48,49 @@ class Opaque:
 
 def test_arbitrary_objects_are_rejected_by_the_weights_only_load(tmp_path):
     path = save_checkpoint({"bad": Opaque()}, tmp_path / "epoch_00001")
-    with pytest.raises(Exception, match="[Ww]eights.only"):
+    with pytest.raises(CheckpointError, match="weights-only"):
         load_checkpoint(path)
+
+
+def test_a_planted_pickle_payload_with_a_matching_checksum_is_a_checkpoint_error(tmp_path):
+    path = save_checkpoint(sample_state(), tmp_path / "best")
+    payload = pickle.dumps(Opaque())  # what a hand-made file would hold: arbitrary objects, not tensors
+    with open(os.path.join(path, "state.pt"), "wb") as handle:
+        handle.write(payload)
+    with open(os.path.join(path, "COMPLETE"), "w") as handle:
+        json.dump({"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}, handle)
+    with pytest.raises(CheckpointError, match="weights-only"):
+        load_checkpoint(path)
+
+
+def test_replacing_a_checkpoint_never_leaves_its_name_empty(tmp_path):
+    # A reader polls the name while it is replaced again and again: it must always find a complete copy.
+    target = tmp_path / "best"
+    save_checkpoint(sample_state(), target)
+    misses, stop = [], threading.Event()
+
+    def read_continuously():
+        while not stop.is_set():
+            try:
+                load_checkpoint(target)
+            except CheckpointError as error:
+                misses.append(str(error))
+
+    reader = threading.Thread(target=read_continuously)
+    reader.start()
+    try:
+        for epoch in range(200):
+            save_checkpoint(sample_state() | {"epoch": epoch}, target)
+    finally:
+        stop.set()
+        reader.join()
+    assert misses == []
+    assert load_checkpoint(target)["epoch"] == 199
+
+
+def test_a_crashed_save_leaves_staging_that_the_next_save_removes(tmp_path):
+    save_checkpoint(sample_state(), tmp_path / "best")
+    os.makedirs(tmp_path / ".best.crashed1" / "half")  # what a save killed mid-write leaves
+    os.makedirs(tmp_path / ".best.old.crashed2")
+    save_checkpoint(sample_state(), tmp_path / "best")
+    assert os.listdir(tmp_path) == ["best"]

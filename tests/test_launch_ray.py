@@ -214,3 +214,13 @@ def test_more_workers_than_the_cluster_has_fails_fast_with_the_shortfall(cluster
     with pytest.raises(ClusterError, match=r"needs 8 CPU \(the cluster has \d+\)"):
         run_training(smoke(tmp_path / "run", data_root, "scaling.num_workers=8"))
     assert time.monotonic() - started < 30
+
+
+def test_a_nan_streak_ends_the_run_at_once_without_ray_retries(cluster, data_root, tmp_path):
+    # run.max_failures=3 would let Ray Train replay the same NaN streak three more times.
+    cfg = smoke(tmp_path / "run", data_root, "optim.lr=1e30", "optim.clip_grad_norm=null",
+                "train.max_nonfinite_steps=2", "run.max_failures=3")
+    with pytest.raises(LaunchError, match=r"not retried.*NonFiniteLossError: 2 consecutive steps"):
+        run_training(cfg)
+    assert len(read_jsonl(os.path.join(cfg.run.run_dir, "attempts.jsonl"))) == 1
+    assert not os.path.exists(os.path.join(cfg.run.run_dir, "summary.json"))

@@ -16,13 +16,12 @@ import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import torch
 from safetensors.torch import save_file
 
-from sparsedist.atomic import replace_directory
+from sparsedist.atomic import replace_directory, staging_sibling
 from sparsedist.config import ConfigError
 from sparsedist.data.registry import get_spec
 from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, PROGRAM_FILE, WEIGHTS_FILE,
@@ -164,7 +163,7 @@ def export_checkpoint(source: str, out: str, *, device: torch.device, keep_ratio
     config = artifact_config(evaluation, with_program=program)
 
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(out))
+    staging = staging_sibling(out)
     try:
         save_file({name: tensor.cpu().contiguous() for name, tensor in evaluation.weights.items()},
                   os.path.join(staging, WEIGHTS_FILE), metadata={"format": "pt"})

@@ -11,16 +11,17 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import shutil
-import tempfile
 from typing import Any
 
 import torch
 
-from sparsedist.atomic import fsync_path, replace_directory
+from sparsedist.atomic import fsync_path, remove_stale_siblings, replace_directory, staging_sibling
 
 STATE_FILE = "state.pt"
 MARKER_FILE = "COMPLETE"
+REPLACED_WHILE_READING_RETRIES = 5
 
 
 class CheckpointError(Exception):
@@ -37,12 +38,12 @@ def _write_synced(path: str, data: bytes) -> None:
 def save_checkpoint(state: dict[str, Any], directory: str) -> str:
     """Write `state` (plain data and tensors only) to `directory` atomically; replaces an existing one."""
     directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    remove_stale_siblings(directory)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+    staging = staging_sibling(directory)
     try:
         _write_synced(os.path.join(staging, STATE_FILE), payload)
         marker = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
@@ -55,22 +56,53 @@ def save_checkpoint(state: dict[str, Any], directory: str) -> str:
     return directory
 
 
-def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`, verifying its marker; raise CheckpointError otherwise."""
-    state_path = os.path.join(directory, STATE_FILE)
-    marker_path = os.path.join(directory, MARKER_FILE)
-    if not os.path.isfile(marker_path):
+def _read_verified(directory: str) -> bytes:
+    """state.pt's bytes after checking them against the marker; CheckpointError otherwise."""
+    if not os.path.isfile(os.path.join(directory, MARKER_FILE)):
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {MARKER_FILE} marker); refusing to load it")
     try:
-        with open(marker_path, encoding="utf-8") as handle:
+        with open(os.path.join(directory, MARKER_FILE), encoding="utf-8") as handle:
             marker = json.load(handle)
-        with open(state_path, "rb") as handle:
+        with open(os.path.join(directory, STATE_FILE), "rb") as handle:
             payload = handle.read()
     except (OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {directory} is unreadable: {error}") from None
     if len(payload) != marker.get("size") or hashlib.sha256(payload).hexdigest() != marker.get("sha256"):
         raise CheckpointError(f"checkpoint {directory} is damaged: {STATE_FILE} does not match its checksum")
-    return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    return payload
+
+
+def _identity(directory: str) -> int | None:
+    try:
+        return os.stat(directory).st_ino
+    except OSError:
+        return None
+
+
+def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`, verifying its marker; raise CheckpointError otherwise.
+
+    A checkpoint replaced while it is read (best/ during training) can pair one version's marker with the
+    other's state: such a read is retried, and only a mismatch within one directory counts as damage.
+    """
+    for _ in range(REPLACED_WHILE_READING_RETRIES):
+        before = _identity(directory)
+        try:
+            payload = _read_verified(directory)
+            break
+        except CheckpointError:
+            if before is not None and _identity(directory) == before:
+                raise
+    else:
+        payload = _read_verified(directory)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
+        # The checksum matched, so this is not damage in transit: the file holds something other than
+        # plain tensors and data (a planted pickle, another program's file). Nothing in it is executed.
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {directory} holds a payload that safe (weights-only) loading refuses: "
+                              f"{first_line}") from None
 
 
 def checkpoint_name(epoch: int) -> str:
