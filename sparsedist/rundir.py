@@ -11,6 +11,7 @@ The run directory is a local (or shared) path or an object-store URI (see `spars
              pids/rank<R>.pid    "<host> <pid>" of every worker of the current attempt
              attempts.jsonl      one line per attempt (rank 0, at its start): start epoch, time, versions,
                                  commit, device, world size, nodes: restarts and provenance
+             failure.json        why the workers ended the run on a failure a retry would replay
              summary.json        written when the run completes
 
 Ray Train's storage path is the run directory's parent and its run name the directory's name, so Ray's
@@ -22,6 +23,7 @@ checkpoint, on any storage. pids/ stays in the mirror (it names processes of tha
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -38,6 +40,7 @@ BEST_DIR = "best"
 PIDS_DIR = "pids"
 SUMMARY_FILE = "summary.json"
 ATTEMPTS_FILE = "attempts.jsonl"
+FAILURE_FILE = "failure.json"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 # Fields a resumed run may change: where things live, how many resources, how often it logs or keeps
@@ -127,7 +130,20 @@ def prepare_run_dir(cfg: Config, *, resume: bool = False, overwrite: bool = Fals
     if overwrite:
         storage.delete_dir(run_dir)
     storage.write_bytes(storage.join(run_dir, CONFIG_FILE), cfg.to_yaml().encode())
+    storage.delete_file(storage.join(run_dir, FAILURE_FILE))  # a resumed run gets a new chance
     return cfg
+
+
+def record_failure(run_dir: str, message: str) -> None:
+    storage.write_bytes(storage.join(run_dir, FAILURE_FILE), (json.dumps({"error": message}) + "\n").encode())
+
+
+def recorded_failure(run_dir: str) -> str | None:
+    """The message `record_failure` left in the run directory, if any."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(run_dir, FAILURE_FILE)))["error"]
+    except FileNotFoundError:
+        return None
 
 
 class RunMirror:

@@ -17,7 +17,9 @@ import functools
 import hashlib
 import os
 import posixpath
+import shutil
 import tempfile
+from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from sparsedist.atomic import write_atomic
@@ -110,6 +112,13 @@ def write_bytes(location: str, content: bytes) -> None:
         stream.write(content)
 
 
+def delete_file(location: str) -> None:
+    """Remove the file at `location` if there is one."""
+    if is_file(location):
+        filesystem, path = resolve(location)
+        filesystem.delete_file(path)
+
+
 def delete_dir(location: str) -> None:
     filesystem, path = resolve(location)
     if _info(location).type.name != "NotFound":
@@ -181,3 +190,28 @@ def check_usable(location: str) -> None:
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws for s3://; GOOGLE_APPLICATION_CREDENTIALS for "
             "gs://) and the endpoint is reachable (AWS_ENDPOINT_URL or ?endpoint_override=)."
         ) from None
+
+
+def local_copy(location: str, exclude: Callable[[str], bool] = lambda relative: False) -> str:
+    """A local directory with `location`'s files, for readers that need paths (report, eval, export): the
+    location itself when local, else a fresh download into this machine's cache, leaving out the files
+    whose "/"-separated relative path `exclude` matches."""
+    import pyarrow.fs
+
+    if not is_uri(location):
+        return location
+    directory = working_dir(location, "read")
+    shutil.rmtree(directory)
+    filesystem, path = resolve(location)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
+    except (FileNotFoundError, OSError) as error:
+        raise StorageError(f"cannot read {location}: {error}") from None
+    for entry in entries:
+        relative = posixpath.relpath(entry.path, path)
+        if entry.type == pyarrow.fs.FileType.File and not exclude(relative):
+            target = os.path.join(directory, *relative.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with filesystem.open_input_stream(entry.path) as stream, open(target, "wb") as handle:
+                handle.write(stream.read())
+    return directory

@@ -43,8 +43,9 @@ def new_bucket() -> str:
 
 
 def list_keys(bucket: str, prefix: str = "") -> list[str]:
+    """The bucket's object keys under prefix, without the empty "dir/" markers pyarrow writes."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []) if not item["Key"].endswith("/"))

@@ -1,6 +1,6 @@
 """Runs across Ray nodes whose only shared storage is S3: several raylets on this machine
 (`ray.cluster_utils.Cluster`: a head with no CPUs and three 1-CPU worker nodes, so two 1-CPU workers
-must sit on different nodes) and a real S3 API server on 127.0.0.1. One 2-node run, then the same run
+must sit on different nodes) and a real S3 API server on 127.0.0.1 holding run directories and data. One 2-node run, then the same run
 losing the node of rank 0 mid-training: Ray Train restarts it on the remaining nodes from its last
 checkpoint registered on S3, and it must end bitwise equal to the uninterrupted run. The third node is
 the replacement, up from the start: `Cluster.add_node` fails when called from the thread that watches
@@ -8,7 +8,9 @@ the run. Network scope here; the SIGKILL restart test in test_launch_ray covers 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -18,6 +20,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sparsedist import storage
+from sparsedist.cli import main as cli
+from sparsedist.report.page import REPORT_MD
 from sparsedist.config import load_config
 from sparsedist.launch.cluster import EMBEDDED_ENV
 from sparsedist.launch.train import run_training
@@ -60,8 +64,11 @@ def cluster(bucket):  # started after the S3 server: its nodes inherit the AWS_*
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
+def data_root(bucket):
+    """Prepared data in the bucket too: the driver builds and uploads it, each node fetches a verified copy."""
+    root = f"s3://{bucket}/data"
+    yield root
+    shutil.rmtree(storage.working_dir(root, "data"))
 
 
 def network_smoke(run_dir: str, data_root: str, *extra: str):
@@ -113,6 +120,17 @@ def test_two_workers_on_two_nodes_write_a_complete_run_directory_to_s3(reference
     assert_events_match_jsonl(accumulator, read_jsonl(storage.join(run_dir, "metrics.jsonl")))
 
 
+def test_report_and_eval_read_the_run_from_s3(reference, tmp_path, capsys):
+    run_dir, summary = reference[:2]
+    assert cli(["report", run_dir, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / REPORT_MD).is_file() and (tmp_path / "report" / "accuracy_vs_keep.png").is_file()
+    assert cli(["eval", "--checkpoint", run_dir, "--json", str(tmp_path / "eval.json")]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
+    # The best/ checkpoint from the bucket gives back the run's own validation-selected accuracies.
+    assert evaluation["epoch"] == summary["selected"]["epoch"]
+    assert evaluation["accuracy"]["test"] == pytest.approx(summary["selected"]["test"])
+
+
 def test_losing_a_node_restarts_from_the_s3_checkpoint_and_reproduces_the_run_bitwise(
         reference, cluster, bucket, data_root):
     run_dir = f"s3://{bucket}/runs/node-lost"
@@ -134,14 +152,16 @@ def test_losing_a_node_restarts_from_the_s3_checkpoint_and_reproduces_the_run_bi
     killer = threading.Thread(target=lose_rank0_node_in_epoch, args=(2,))
     killer.start()
     try:
-        summary = run_training(network_smoke(run_dir, data_root, "run.max_failures=1"))
+        # Until Ray notices the node is gone (its health checks), a restart may be placed on it and fail
+        # again: allow a few restarts, as on a preemptible cluster.
+        summary = run_training(network_smoke(run_dir, data_root, "run.max_failures=3"))
     finally:
         killer.join()
     assert removed, "the run finished before the node was removed"
-    attempts = read_jsonl(storage.join(run_dir, "attempts.jsonl"))
-    # The second attempt began past epoch 0: from the checkpoint registered on S3, not from scratch.
-    assert [a["start_epoch"] > 0 for a in attempts] == [False, True], attempts
-    assert summary["attempts"] == 2 and removed[0] not in worker_nodes(run_dir).values()
+    starts = [attempt["start_epoch"] for attempt in read_jsonl(storage.join(run_dir, "attempts.jsonl"))]
+    # Every restarted attempt began past epoch 0: from the checkpoint registered on S3, not from scratch.
+    assert len(starts) >= 2 and starts[0] == 0 and all(start > 0 for start in starts[1:]), starts
+    assert summary["attempts"] == len(starts) and removed[0] not in worker_nodes(run_dir).values()
     state, expected = final_state(run_dir), final_state(reference[0])
     for name, tensor in expected["model"].items():
         assert torch.equal(state["model"][name], tensor), name

@@ -11,6 +11,11 @@ and writes the manifest last. A reader trusts the files only when the manifest m
 requested settings and every file has the recorded size, sample count and SHA-256; anything else
 is rebuilt from the source (or reported, naming what to download, when the source is gone).
 Locks are node-local: on shared storage across nodes, prepare once before starting the workers.
+
+Object storage: with `data.root` a URI (s3://..., gs://...), the same directory lives in the bucket
+and every node keeps a verified local copy in its cache (FFCV memory-maps local files). The first
+`prepare` anywhere builds locally and uploads, manifest last; later ones on other nodes fetch the
+files under the same lock and verify them against the fetched manifest before trusting them.
 FFCV's writer runs its workers with the process's multiprocessing start method: with fork (the
 Linux default) a small set takes a second; under spawn or forkserver every file also pays for a
 fresh interpreter that imports FFCV (seconds each).
@@ -29,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from sparsedist import storage
 from sparsedist.atomic import fsync_path, write_atomic
 from sparsedist.data._ffcv import MIN_PAGE_SIZE, DatasetWriter, IntField, NDArrayField, Reader
 from sparsedist.data.sources import DataUnavailableError, SourceData, load_source
@@ -55,9 +61,14 @@ def identity(data_cfg) -> dict[str, Any]:
     return settings
 
 
-def prepared_dir(data_cfg) -> Path:
+def prepared_name(data_cfg) -> str:
     digest = hashlib.sha256(json.dumps(identity(data_cfg), sort_keys=True).encode()).hexdigest()[:10]
-    return Path(data_cfg.root) / f"{data_cfg.dataset}-{digest}"
+    return f"{data_cfg.dataset}-{digest}"
+
+
+def prepared_dir(data_cfg) -> Path:
+    """Where the loaders read the files: under data.root, or for a URI root under this node's cache."""
+    return Path(storage.working_dir(data_cfg.root, "data")) / prepared_name(data_cfg)
 
 
 def prepare(data_cfg, log: Callable[[str], None] = print) -> PreparedPaths:
@@ -67,14 +78,17 @@ def prepare(data_cfg, log: Callable[[str], None] = print) -> PreparedPaths:
     Raises DataUnavailableError when a build is needed and no source can be found.
     """
     directory = prepared_dir(data_cfg)
+    remote = storage.join(data_cfg.root, prepared_name(data_cfg)) if storage.is_uri(data_cfg.root) else None
     expected = identity(data_cfg)
     problem = find_problem(directory, expected)
     if problem is not None:
         directory.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(directory / ".lock", log):
             problem = find_problem(directory, expected)  # the process we waited for may have built it
-            if problem is not None:
+            if problem is not None and not (remote is not None and _fetch(remote, directory, expected, log)):
                 _build(directory, data_cfg, expected, problem, log)
+                if remote is not None:
+                    _publish(directory, remote, log)
     counts = {split: record["count"] for split, record in read_manifest(directory)["splits"].items()}
     paths = {split: directory / f"{split}.beton" if split in counts else None for split in SPLITS}
     return PreparedPaths(directory, paths["train"], paths["val"], paths["test"], counts)
@@ -147,6 +161,37 @@ def _build(directory: Path, data_cfg, expected_identity: dict[str, Any], problem
         log(f"  {split}: {len(labels)} examples of shape {images.shape[1:]} -> {path}")
     manifest = {"identity": expected_identity, "source": source.origin, "source_checksum": source.checksum(), "splits": records}
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+
+
+def _fetch(remote: str, directory: Path, expected_identity: dict[str, Any], log: Callable[[str], None]) -> bool:
+    """Copy the prepared files from object storage into the node cache; False when the storage holds none
+    for these settings. DataUnavailableError when the copy does not verify against its manifest."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(remote, MANIFEST)))
+    except FileNotFoundError:
+        return False
+    if manifest.get("identity") != expected_identity:
+        return False
+    log(f"fetching {remote} into the node cache {directory}")
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for record in manifest["splits"].values():
+        storage.download(storage.join(remote, record["file"]), str(directory / record["file"]))
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2).encode())
+    problem = find_problem(directory, expected_identity)
+    if problem is not None:
+        (directory / MANIFEST).unlink()
+        raise DataUnavailableError(f"the prepared files at {remote} do not verify ({problem}); delete {remote} "
+                                   "and prepare again: sparsedist data prepare --root <data.root>")
+    return True
+
+
+def _publish(directory: Path, remote: str, log: Callable[[str], None]) -> None:
+    """Upload freshly built files, the manifest last: other nodes trust nothing before it lands."""
+    manifest = read_manifest(directory)
+    for record in manifest["splits"].values():
+        storage.upload(str(directory / record["file"]), storage.join(remote, record["file"]))
+    storage.upload(str(directory / MANIFEST), storage.join(remote, MANIFEST))
+    log(f"  uploaded to {remote}")
 
 
 def _split(source: SourceData, data_cfg) -> dict[str, tuple[np.ndarray, np.ndarray]]:

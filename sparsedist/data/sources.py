@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 
+from sparsedist import storage
 from sparsedist.data import synthetic
 
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian/Ubuntu `dataset-fashion-mnist`
@@ -66,7 +67,9 @@ def load_source(data_cfg, log: Callable[[str], None] = print) -> SourceData:
 
 
 def raw_dir(data_cfg) -> Path:
-    return Path(data_cfg.root) / "raw" / data_cfg.dataset
+    """Downloads go under data.root, or for an object-store root under the node's cache (only the
+    prepared files are uploaded)."""
+    return Path(storage.working_dir(data_cfg.root, "data")) / "raw" / data_cfg.dataset
 
 
 # ---------------------------------------------------------------------------------- synthetic

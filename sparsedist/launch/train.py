@@ -19,16 +19,13 @@ from sparsedist import storage
 from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
-                               check_run_dir, prepare_run_dir)
+                               check_run_dir, prepare_run_dir, recorded_failure)
 from sparsedist.storage import StorageError
 from sparsedist.tracking import log_outputs
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
 PROGRESS_POLL_S = 0.5
-# The metric that carries a deterministic failure from the workers (`worker.DETERMINISTIC_ERRORS`) to the driver,
-# which raises it as a failed run.
-RUN_ERROR_KEY = "sparsedist/error"
 
 
 class LaunchError(RuntimeError):
@@ -75,11 +72,13 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
     )
 
 
-def raise_run_error(metrics: dict[str, Any] | None, run_dir: str) -> None:
-    """LaunchError when the workers ended the run on a deterministic failure (reported, never retried)."""
-    if metrics and RUN_ERROR_KEY in metrics:
-        raise LaunchError(f"training stopped (not retried: it would fail the same way again): "
-                          f"{metrics[RUN_ERROR_KEY]}\nrun directory: {run_dir}")
+def raise_run_error(run_dir: str) -> None:
+    """LaunchError when the workers ended the run on a deterministic failure (`worker.DETERMINISTIC_ERRORS`:
+    recorded in the run directory, never retried)."""
+    failure = recorded_failure(run_dir)
+    if failure is not None:
+        raise LaunchError(f"training stopped (not retried: it would fail the same way again): {failure}\n"
+                          f"run directory: {run_dir}")
 
 
 @contextmanager
@@ -157,12 +156,12 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
         trainer = make_trainer(cfg)
         with following(metrics_path, progress):
             try:
-                result = trainer.fit()
+                trainer.fit()
             except TrainingFailedError as error:
                 log_outputs(cfg, status="FAILED")
                 raise LaunchError(f"training failed (run.max_failures={cfg.run.max_failures}); the run "
                                   f"directory {run_dir} can be resumed with --resume.\n{error}") from None
-        raise_run_error(result.metrics, run_dir)
+        raise_run_error(run_dir)
     summary = summarize(read_jsonl(metrics_path), select_keep_ratio=cfg.eval.select_keep_ratio)
     attempts = read_jsonl(storage.join(run_dir, ATTEMPTS_FILE))
     summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started, attempts=len(attempts),

@@ -60,7 +60,6 @@ def report_epoch(metrics: dict[str, Any], checkpoint_path: str | None, *, trial_
                  handoff_every: int | None, epochs: int) -> None:
     """Report one epoch to Tune; under PBT, a perturbation epoch's report carries the hand-off, except the last
     epoch's: a finished run has nothing left to train, so continuing it would only copy its result."""
-    raise_run_error(metrics, run_dir)  # a deterministic failure the workers reported instead of an epoch
     epoch = metrics["epoch"]
     if handoff_every is None or checkpoint_path is None or (epoch + 1) % handoff_every or epoch + 1 == epochs:
         tune.report(metrics)
@@ -108,8 +107,9 @@ def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: st
             write_trial_file(run_dir, trial_id, sampled, exploits=exploits)
     handoff_every = spec["perturbation_interval"] if spec["scheduler"] == "pbt" else None
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
-    # Nothing follows: ASHA stops every trial at its last report (max_t), and a stopped trial's fit() raises
-    # like a failed one. `run_sweep` writes summary.json and errors once the Tuner has ended.
+    # Only the failure check follows: ASHA stops every trial at its last report (max_t), and a stopped
+    # trial's fit() raises like a failed one. `run_sweep` writes summary.json and errors once the Tuner has ended.
     fit_and_forward(make_trainer(cfg, callbacks=[ForwardReports(queue)]), queue,
                     partial(report_epoch, trial_id=trial_id, run_dir=run_dir, handoff_every=handoff_every,
                             epochs=cfg.train.epochs))
+    raise_run_error(run_dir)  # a deterministic failure the workers recorded instead of finishing

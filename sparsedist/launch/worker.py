@@ -28,11 +28,11 @@ from sparsedist import storage
 from sparsedist.config import Config, ConfigError, validate
 from sparsedist.data import build_loaders
 from sparsedist.launch.summary import summarize, summary_metrics
-from sparsedist.launch.train import RUN_ERROR_KEY
 from sparsedist.logging import (JsonLinesSink, TensorBoardSink, epoch_line, flatten_epoch, read_jsonl,
                                 rewind_jsonl)
 from sparsedist.provenance import banner, provenance
-from sparsedist.rundir import ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror
+from sparsedist.rundir import (ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror,
+                               record_failure)
 from sparsedist.tracking import tracking_sinks
 from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, save_checkpoint
 from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
@@ -97,12 +97,15 @@ def configure_logging(verbose: bool) -> None:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function; `config` is `Config.to_dict()` with run.run_dir absolute or a URI."""
+    rank = ray.train.get_context().get_world_rank()
     try:
         run_replica(validate(config))
     except DETERMINISTIC_ERRORS as error:
-        # Reported by every rank (they all meet it at the same point), then a normal return: Ray Train
-        # retries failed workers, and a retry would replay this failure run.max_failures times.
-        ray.train.report({RUN_ERROR_KEY: f"{type(error).__name__}: {error}"})
+        # Every rank meets it at the same point and returns normally: Ray Train retries failed workers,
+        # and a retry would replay this failure run.max_failures times. Rank 0 leaves the reason in the
+        # run directory, where the driver finds it (`launch.train` reports the run as failed).
+        if rank == 0:
+            record_failure(config["run"]["run_dir"], f"{type(error).__name__}: {error}")
 
 
 def run_replica(cfg: Config) -> None:
@@ -155,7 +158,9 @@ def run_replica(cfg: Config) -> None:
                     if should_checkpoint(cfg, end.epoch):
                         # The run directory is complete up to every checkpoint Ray registers.
                         tensorboard.flush()
-                        mirror.publish()
+                        published = mirror.publish()
+                        if published:
+                            log.info(f"  epoch {end.epoch + 1}: {published:,} bytes of run files published to {run_dir}")
                         # Ray copies it into the run directory under the same, epoch-derived name: a
                         # restarted attempt that redoes this epoch re-registers the same directory.
                         checkpoint = ray.train.Checkpoint.from_directory(

@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from sparsedist.config import Config, ConfigError, apply_overrides, validate
-from sparsedist.rundir import BEST_DIR
+from sparsedist import storage
+from sparsedist.rundir import BEST_DIR, METRICS_FILE, TENSORBOARD_DIR
 from sparsedist.logging import regime_key
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity
@@ -40,8 +41,10 @@ class CheckpointEvaluation:
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one."""
-    path = os.path.abspath(path)
+    """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one.
+    A storage URI is first copied to this machine (without the run's metrics and TensorBoard events)."""
+    path = os.path.abspath(storage.local_copy(path, exclude=lambda relative: relative.split("/")[0] in (
+        METRICS_FILE, TENSORBOARD_DIR)))
     if os.path.isfile(os.path.join(path, MARKER_FILE)):
         return path
     best = os.path.join(path, BEST_DIR)

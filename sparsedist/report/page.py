@@ -12,11 +12,13 @@ import os
 import sys
 from typing import Sequence
 
+from sparsedist import storage
 from sparsedist.report.figures import (MAX_PANELS, Series, plot_accuracy_vs_keep, plot_inference_cost, plot_keep_trajectories,
                                        plot_train_vs_val)
 from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
 from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, group_trials, read_trials
+from sparsedist.rundir import BEST_DIR, RAY_SNAPSHOT_FILE
 
 REPORT_MD = "report.md"
 FIGURES = {
@@ -114,10 +116,17 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-json", help="a `sparsedist bench inference --json` file: adds accuracy and latency vs rho")
 
 
+def without_checkpoints(relative: str) -> bool:
+    """Checkpoints are not needed for a report: a run or sweep read from storage is copied without them."""
+    return any(part.startswith("epoch_") or part in (BEST_DIR, RAY_SNAPSHOT_FILE)
+               for part in relative.split("/"))
+
+
 def report_from_args(args: argparse.Namespace) -> int:
     try:
-        page = write_report(args.paths, args.out or os.path.join(args.paths[0], "report"), args.bench_json)
-    except ReportError as error:
+        paths = [storage.local_copy(path, exclude=without_checkpoints) for path in args.paths]
+        page = write_report(paths, args.out or os.path.join(paths[0], "report"), args.bench_json)
+    except (ReportError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(page)

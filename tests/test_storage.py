@@ -1,0 +1,125 @@
+"""Object storage against a real S3 API (moto's server on 127.0.0.1), reached through AWS_* variables as
+users reach theirs: locations, the run directory and its mirror, prepared data in a bucket, and the
+clear errors of bad locations. Ray-free; the Ray runs on S3 are in test_multinode."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import os
+import shutil
+
+import pytest
+
+from sparsedist import storage
+from sparsedist.config import load_config
+from sparsedist.data import DataUnavailableError, prepare
+from sparsedist.launch.train import add_train_arguments, config_from_args, main
+from sparsedist.rundir import CONFIG_FILE, RunDirError, RunMirror, check_run_dir, prepare_run_dir
+from tests.s3 import list_keys, new_bucket, s3_server
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def bucket(s3):
+    return new_bucket()
+
+
+def test_uri_locations_keep_their_scheme_and_options():
+    uri = "s3://bucket/runs/x?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.join(uri, "best", "state.pt") == "s3://bucket/runs/x/best/state.pt?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.parent_and_name(uri) == ("s3://bucket/runs?endpoint_override=127.0.0.1:9000&scheme=http", "x")
+    cfg = load_config("smoke", [f"run.run_dir={uri}", "data.root=gs://data/root", "data.source=relative/file"])
+    assert (cfg.run.run_dir, cfg.data.root) == (uri, "gs://data/root")
+    assert cfg.data.source == os.path.abspath("relative/file")
+
+
+def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_clear_error_before_any_worker(s3, capsys):
+    for run_dir, reason in [("s3://no-such-bucket/runs/x", "NoSuchBucket|bucket does not exist"),
+                            ("s3://b/x?endpoint_override=127.0.0.1:1&scheme=http", "Could not connect")]:
+        assert main(["--config", "smoke", "--run-dir", run_dir]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: cannot write to {run_dir}") and "Check that the bucket exists" in error
+        assert re.search(reason, error), error
+
+
+def test_a_relative_run_dir_is_refused_while_attached_to_a_cluster(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # refused before any connection is tried
+    assert main(["--config", "smoke", "--run-dir", "runs/x"]) == 2
+    assert "is relative while attached to a cluster" in capsys.readouterr().err
+    assert main(["--config", "smoke"]) == 2
+    assert "is unset while attached to a cluster" in capsys.readouterr().err
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_a_run_directory_in_a_bucket_is_created_refused_resumed_and_overwritten(bucket):
+    run_dir = f"s3://{bucket}/runs/a"
+    cfg = prepare_run_dir(load_config("smoke", [f"run.run_dir={run_dir}"]))
+    assert cfg.run.run_dir == run_dir and list_keys(bucket) == ["runs/a/config.yaml"]
+    with pytest.raises(RunDirError, match="already holds a run"):
+        check_run_dir(cfg)
+    resumed = config_from_args(parse("--resume", "--run-dir", run_dir))  # its config comes from the bucket
+    assert resumed == cfg and check_run_dir(resumed, resume=True) == cfg
+    storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), b"{}\n")
+    prepare_run_dir(cfg, overwrite=True)
+    assert list_keys(bucket) == ["runs/a/config.yaml"]
+
+
+def test_the_mirror_publishes_rank0_files_and_a_restarted_attempt_restores_them(bucket):
+    run_dir = f"s3://{bucket}/runs/m"
+    mirror = RunMirror(run_dir)
+    shutil.rmtree(mirror.local)
+    os.makedirs(os.path.join(mirror.local, "tensorboard"))
+    os.makedirs(os.path.join(mirror.local, "best"))
+    files = {"metrics.jsonl": b'{"kind": "epoch"}\n', "tensorboard/events.out.tfevents.1": b"\x00" * 100,
+             "best/state.pt": b"weights", "best/COMPLETE": b"{}", "pids/rank0.pid": b"host 1 node"}
+    os.makedirs(os.path.join(mirror.local, "pids"))
+    for name, content in files.items():
+        with open(os.path.join(mirror.local, name), "wb") as handle:
+            handle.write(content)
+    published = mirror.publish()
+    assert published == sum(len(c) for n, c in files.items() if not n.startswith("pids/"))
+    assert list_keys(bucket) == sorted(f"runs/m/{n}" for n in files if not n.startswith("pids/"))
+    # Another attempt on this node: stale local files give way to what the run directory holds.
+    with open(os.path.join(mirror.local, "metrics.jsonl"), "wb") as handle:
+        handle.write(b"stale\n")
+    with open(os.path.join(mirror.local, "tensorboard", "events.out.tfevents.2"), "wb") as handle:
+        handle.write(b"stale")
+    mirror.restore()
+    for name, content in files.items():
+        with open(os.path.join(mirror.local, name), "rb") as handle:
+            assert handle.read() == content, name
+    assert os.listdir(os.path.join(mirror.local, "tensorboard")) == ["events.out.tfevents.1"]
+    shutil.rmtree(mirror.local)
+
+
+def test_data_prepared_into_a_bucket_is_fetched_into_node_caches_and_verified(bucket):
+    data = load_config("smoke", [f"data.root=s3://{bucket}/data"]).data
+    logged: list[str] = []
+    built = prepare(data, log=logged.append)
+    assert any(line.startswith("preparing synthetic") for line in logged)
+    remote = sorted(key.rsplit("/", 1)[1] for key in list_keys(bucket, "data/"))
+    assert remote == ["manifest.json", "test.beton", "train.beton", "val.beton"]
+    sizes = {path.name: path.stat().st_size for path in built.directory.glob("*.beton")}
+
+    shutil.rmtree(built.directory)  # another node: an empty cache
+    logged.clear()
+    fetched = prepare(data, log=logged.append)
+    assert fetched.directory == built.directory and logged[0].startswith(f"fetching s3://{bucket}/data/synthetic-")
+    assert {path.name: path.stat().st_size for path in fetched.directory.glob("*.beton")} == sizes
+
+    storage.write_bytes(storage.join(data.root, built.directory.name, "train.beton"), b"damaged")
+    shutil.rmtree(built.directory)
+    with pytest.raises(DataUnavailableError, match="do not verify"):
+        prepare(data, log=logged.append)
+    shutil.rmtree(storage.working_dir(data.root, "data"))
