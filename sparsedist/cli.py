@@ -85,6 +85,13 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    from sparsedist.bench.sweep import run_sweep_benchmark
+
+    run_sweep_benchmark(trials=args.trials, json_out=args.json)
+    return 0
+
+
 # Commands whose flags live beside their (heavy) implementation: (module, add-arguments, run, help).
 # Only the invoked one is imported, so `sparsedist config validate` never loads torch, Ray or FFCV.
 RUNNERS = {
@@ -131,7 +138,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_data_prepare)
 
     bench = commands.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="action", required=True)
-    for name, func in (("sparsity", cmd_bench_sparsity), ("data", cmd_bench_data), ("inference", cmd_bench_inference)):
+    for name, func in (("sparsity", cmd_bench_sparsity), ("data", cmd_bench_data), ("inference", cmd_bench_inference),
+                       ("sweep", cmd_bench_sweep)):
         sub = bench.add_parser(name)
         sub.add_argument("--json", metavar="OUT", help="also write the figures as a JSON object")
         sub.set_defaults(func=func)
@@ -142,6 +150,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if name == "inference":
             sub.add_argument("export_dir", help="a `sparsedist export` directory")
             sub.add_argument("--repeats", type=int, default=20, help="timed runs per path and batch size (median)")
+        if name == "sweep":
+            sub.add_argument("--trials", type=int, default=3, help="one-epoch smoke trials, run one at a time (>= 3)")
     return parser
 
 

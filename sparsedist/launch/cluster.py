@@ -24,6 +24,9 @@ EMBEDDED_ENV = {
     # Ray 2.60 turns token auth on for new local clusters; saying so explicitly keeps a later
     # `ray start --head` on this machine and its clients in agreement.
     "RAY_AUTH_MODE": "token",
+    # Ray Train's controller polls its workers every 2 s by default: a run's start and end wait for a poll,
+    # seconds per sweep trial (`sparsedist bench sweep`). Its processes inherit this from the embedded cluster.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 REACH_TIMEOUT_S = 5.0
 # How long a launch on an existing cluster waits for workers to join (or the autoscaler to add them)

@@ -285,8 +285,9 @@ def make_search_alg(spec: SweepSpec, concurrency: int):
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = None, resume: bool = False,
-              resource_wait_s: float = RESOURCE_WAIT_S) -> list[Trial]:
+              resource_wait_s: float = RESOURCE_WAIT_S, events: list | None = None) -> list[Trial]:
     """Run (or resume) the sweep in `sweep_dir`; returns its trials once sweep.csv and summary.md are written.
+    `events`, when given, receives (event, trial_id, wall time) for every trial start, result and completion.
 
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
@@ -300,7 +301,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     with ray_session(scaling, resource_wait_s=resource_wait_s):
         import ray
 
-        from sparsedist.launch.trial import trial_driver  # imports Ray: only once ray_session has set its environment
+        from sparsedist.launch.timeline import TrialTimeline  # these import Ray: only once ray_session has set
+        from sparsedist.launch.trial import trial_driver  # its environment
 
         concurrency = trial_concurrency(max_concurrent, scaling, ray.cluster_resources(),
                                         attached=bool(os.environ.get("RAY_ADDRESS")))
@@ -325,7 +327,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                     # Not reuse_actors: a trial that is stopped or paused (ASHA, PBT) must take its Train run with
                     # it, and only the end of its driver's process ends the Train controller it owns.
                 ),
-                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir),
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir,
+                                          callbacks=[TrialTimeline(events)] if events is not None else None),
             )
         results = tuner.fit()
     record_trial_errors(sweep_dir, results)
