@@ -413,11 +413,6 @@ def pbt_sweep(tmp_path_factory):
     return root / "sweep"
 
 
-def tune_results(sweep_dir: Path, trial_id: str) -> list[dict]:
-    """What the trial reported to Tune, one row per report (Tune's own record, beside our run directories)."""
-    return [json.loads(line) for line in (sweep_dir / "tune" / trial_id / "result.json").open()]
-
-
 def replay_epoch(cfg, state):
     """The first epoch after `state`, trained here by the loop with `cfg`: its epoch record."""
     import torch
@@ -445,7 +440,7 @@ def test_pbt_exploit_continues_the_donors_weights_under_the_mutated_controller_s
     import torch
     import yaml
 
-    from sparsedist.config import apply_overrides, validate
+    from sparsedist.config import Config, apply_overrides, validate
     from sparsedist.launch.trial import START_DIR
     from sparsedist.report.evaluate import evaluate_checkpoint
     from sparsedist.train.checkpoint import load_checkpoint
@@ -456,9 +451,11 @@ def test_pbt_exploit_continues_the_donors_weights_under_the_mutated_controller_s
     for trial in exploited:
         run_dir = pbt_sweep / TRIALS_DIR / trial.trial_id
         exploit = trial.exploits[-1]  # the run directory holds the lineage since the last exploit
-        epoch, donor, mutated = exploit["epoch"], exploit["donor"], exploit["params"]["controller.tighten_pct"]
-        donor_params = next(r["config"] for r in tune_results(pbt_sweep, donor) if r["epoch"] == epoch)
-        assert mutated != donor_params["controller.tighten_pct"]
+        epoch, mutated = exploit["epoch"], exploit["params"]["controller.tighten_pct"]
+        start = str(run_dir / START_DIR)
+        state = load_checkpoint(start)
+        donor_cfg = Config.model_validate_json(state["config"])  # the donor's own config, saved with its state
+        assert state["epoch"] == epoch and mutated != donor_cfg.controller.tighten_pct
         records = [json.loads(line) for line in (run_dir / METRICS_FILE).open()]
         after = [r for r in records if r["epoch"] > epoch]
         assert after and [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1, 2, 3]
@@ -470,22 +467,22 @@ def test_pbt_exploit_continues_the_donors_weights_under_the_mutated_controller_s
         for before, next_decision in tightened:
             assert next_decision["keep_ratio"] == pytest.approx(max(0.05, before["keep_ratio"] * (1 - mutated)), rel=1e-12)
 
-        # The weights are the donor's: the state the trial started from scores what the donor logged at that epoch.
-        start = str(run_dir / START_DIR)
-        logged = next(r for r in tune_results(pbt_sweep, donor) if r["epoch"] == epoch)
+        # The weights are the donor's: the state the trial started from scores what the donor logged at that
+        # epoch (its history up to the exploit is the donor's metrics.jsonl).
+        logged = next(r for r in records if r["kind"] == "epoch" and r["epoch"] == epoch)
         accuracy = evaluate_checkpoint(start, device=torch.device("cpu")).accuracy
         for split, key in (("val", "1.00"), ("test", "1.00"), ("test", "0.20")):
-            assert accuracy[split][key] == logged[f"eval/{split}/accuracy/keep_{key}"], (split, key)
+            assert accuracy[split][key] == logged["eval"][split][key], (split, key)
 
         # And the epoch after the exploit is one epoch from that state under the mutated config, not the donor's.
         cfg = validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        state = load_checkpoint(start)
         first_after = next(r for r in after if r["kind"] == "epoch")
         replayed = replay_epoch(cfg, state)
         assert (replayed["keep_ratio"], replayed["train_loss"]) == pytest.approx(
             (first_after["keep_ratio"], first_after["train_loss"]), rel=1e-6)
         assert replayed["eval"] == first_after["eval"]
-        unmutated = replay_epoch(validate(apply_overrides(cfg.to_dict(), donor_params)), state)
+        unmutated = replay_epoch(validate(apply_overrides(cfg.to_dict(), {
+            "controller.tighten_pct": donor_cfg.controller.tighten_pct})), state)
         assert unmutated["keep_ratio"] != pytest.approx(first_after["keep_ratio"], rel=1e-6)
 
 
