@@ -25,6 +25,9 @@ from urllib.parse import urlsplit, urlunsplit
 from sparsedist.atomic import write_atomic
 
 
+_CHUNK = 1 << 22  # streamed copies: checkpoints and .beton files need not fit in memory twice
+
+
 class StorageError(RuntimeError):
     """A storage location is unreachable, missing, or not allowed here."""
 
@@ -130,20 +133,26 @@ def upload(local_path: str, location: str) -> int:
     the bytes copied. Each file is written whole, so a reader never sees part of one."""
     if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
         return 0
-    copied = 0
+    filesystem, base = resolve(location)
     files = [local_path] if os.path.isfile(local_path) else [
         os.path.join(root, name) for root, _, names in os.walk(local_path) for name in names]
+    copied = 0
     for file in sorted(files):
         relative = os.path.relpath(file, local_path) if file != local_path else ""
-        with open(file, "rb") as handle:
-            content = handle.read()
-        write_bytes(join(location, *relative.split(os.sep)) if relative else location, content)
-        copied += len(content)
+        target = posixpath.join(base, *relative.split(os.sep)) if relative else base
+        if is_uri(location):  # an object is replaced whole when its upload completes
+            with open(file, "rb") as source, filesystem.open_output_stream(target) as sink:
+                shutil.copyfileobj(source, sink, _CHUNK)
+        else:
+            with open(file, "rb") as source:
+                write_bytes(target, source.read())
+        copied += os.path.getsize(file)
     return copied
 
 
-def download(location: str, local_path: str) -> bool:
-    """Copy the file or directory tree at `location` to `local_path`; False when nothing is there."""
+def download(location: str, local_path: str, exclude: Callable[[str], bool] = lambda relative: False) -> bool:
+    """Copy the file or directory tree at `location` to `local_path`, leaving out the files whose
+    "/"-separated relative path `exclude` matches; False when nothing is there."""
     import pyarrow.fs
 
     if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
@@ -157,10 +166,14 @@ def download(location: str, local_path: str) -> bool:
         if entry.type == pyarrow.fs.FileType.File]
     for entry in entries:
         relative = posixpath.relpath(entry.path, path) if entry.path != path else ""
+        if relative and exclude(relative):
+            continue
         target = os.path.join(local_path, *relative.split("/")) if relative else local_path
-        with filesystem.open_input_stream(entry.path) as stream:
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            write_atomic(target, stream.read())
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        staging = f"{target}.{os.getpid()}.tmp"  # renamed into place whole
+        with filesystem.open_input_stream(entry.path) as source, open(staging, "wb") as sink:
+            shutil.copyfileobj(source, sink, _CHUNK)
+        os.replace(staging, target)
     return True
 
 
@@ -194,24 +207,11 @@ def check_usable(location: str) -> None:
 
 def local_copy(location: str, exclude: Callable[[str], bool] = lambda relative: False) -> str:
     """A local directory with `location`'s files, for readers that need paths (report, eval, export): the
-    location itself when local, else a fresh download into this machine's cache, leaving out the files
-    whose "/"-separated relative path `exclude` matches."""
-    import pyarrow.fs
-
+    location itself when local, else a fresh download into this machine's cache (see `download`)."""
     if not is_uri(location):
         return location
     directory = working_dir(location, "read")
     shutil.rmtree(directory)
-    filesystem, path = resolve(location)
-    try:
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, recursive=True))
-    except (FileNotFoundError, OSError) as error:
-        raise StorageError(f"cannot read {location}: {error}") from None
-    for entry in entries:
-        relative = posixpath.relpath(entry.path, path)
-        if entry.type == pyarrow.fs.FileType.File and not exclude(relative):
-            target = os.path.join(directory, *relative.split("/"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with filesystem.open_input_stream(entry.path) as stream, open(target, "wb") as handle:
-                handle.write(stream.read())
+    if not download(location, directory, exclude):
+        raise StorageError(f"nothing at {location}")
     return directory
