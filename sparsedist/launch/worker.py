@@ -21,7 +21,6 @@ from typing import Any
 import ray
 import ray.train
 import ray.train.torch
-import torch
 import torch.distributed as dist
 
 from sparsedist import storage
