@@ -43,6 +43,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from sparsedist.data import DataUnavailableError, prepare
+    from sparsedist.storage import StorageError
 
     overrides = [f"data.dataset={args.dataset}"] + ([f"data.root={args.root}"] if args.root else [])
     if args.source:
@@ -53,6 +54,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     except DataUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except StorageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     for split in ("train", "val", "test"):
         if getattr(paths, split) is not None:
             print(f"{split:5s} {paths.counts[split]:>7d} examples  {getattr(paths, split)}")

@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -122,12 +123,18 @@ STAGES = {"tests": stage_tests, "sites": stage_sites, "steps": stage_steps,
 def _run_stage(name: str, out_dir: str, env: dict, limit_s: float) -> dict:
     part = os.path.join(out_dir, f"{name}.json")
     start = time.monotonic()
+    # Its own process group: on a time-out the stage's children (the tests stage's pytest) end with it
+    # instead of sharing the GPU with the next stage.
+    stage = subprocess.Popen([sys.executable, "-m", "sparsedist.gpu_check", "--stage", name, "--out", out_dir],
+                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-m", "sparsedist.gpu_check", "--stage", name, "--out", out_dir],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=max(limit_s, 1))
-        status = "ok" if done.returncode == 0 and os.path.exists(part) else f"failed (exit {done.returncode})"
-        log = done.stdout[-2000:] + done.stderr[-3000:]
+        stdout, stderr = stage.communicate(timeout=max(limit_s, 1))
+        status = "ok" if stage.returncode == 0 and os.path.exists(part) else f"failed (exit {stage.returncode})"
+        log = stdout[-2000:] + stderr[-3000:]
     except subprocess.TimeoutExpired:
+        os.killpg(stage.pid, signal.SIGKILL)
+        stage.communicate()
         status, log = f"timed out after {limit_s:.0f} s", ""
     result = {"status": status, "seconds": round(time.monotonic() - start, 1)}
     if os.path.exists(part):

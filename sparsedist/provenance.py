@@ -1,7 +1,7 @@
 """What produced a run: package versions, the source commit, devices, world size and nodes.
 
-Recorded by rank 0 at start (provenance.json, the start banner) and copied into summary.json, so a
-result can be traced to its code and hardware. Imports nothing heavy: versions come from package
+Recorded by rank 0 at the start of every attempt (attempts.jsonl, the start banner) and copied into
+summary.json, so a result can be traced to its code and hardware. Imports nothing heavy: versions come from package
 metadata.
 """
 
@@ -29,6 +29,11 @@ def source_commit() -> str | None:
     where the code travelled without its repository (a Ray runtime_env working_dir, a wheel)."""
     source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
+        # Only the package's own repository: installed into another project's tree, git would answer for it.
+        top = subprocess.run(["git", "-C", source, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        if os.path.realpath(top) != os.path.realpath(source):
+            return None
         commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],

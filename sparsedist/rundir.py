@@ -8,7 +8,7 @@ The run directory is a local (or shared) path or an object-store URI (see `spars
              epoch_NNNNN/        checkpoints registered with Ray Train (it keeps run.checkpoints_to_keep)
              best/               the checkpoint with the best validation accuracy so far
              checkpoint_manager_snapshot.json   Ray Train's record of the registered checkpoints
-             pids/rank<R>.pid    "<host> <pid>" of every worker of the current attempt
+             pids/rank<R>.pid    "<host> <pid> <Ray node id>" of every worker of the current attempt
              attempts.jsonl      one line per attempt (rank 0, at its start): start epoch, time, versions,
                                  commit, device, world size, nodes: restarts and provenance
              failure.json        why the workers ended the run on a failure a retry would replay
@@ -32,6 +32,7 @@ import yaml
 
 from sparsedist import storage
 from sparsedist.config import Config, apply_overrides, validate
+from sparsedist.train.checkpoint import MARKER_FILE, CheckpointError, load_checkpoint
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -155,13 +156,15 @@ class RunMirror:
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
         self.local = storage.working_dir(run_dir, "runs")
+        self._published: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime) last uploaded
 
     def path(self, name: str) -> str:
         return os.path.join(self.local, name)
 
     def restore(self) -> None:
         """Start from the run directory's published files (a restarted attempt may land on another node,
-        and a stale mirror of an earlier attempt on this node must not leak in)."""
+        and a stale mirror of an earlier attempt on this node must not leak in). A best/ that an
+        interrupted publish left incomplete is dropped, here and in the run directory."""
         if not storage.is_uri(self.run_dir):
             return
         for name in self.PUBLISHED:
@@ -170,10 +173,45 @@ class RunMirror:
             elif os.path.exists(self.path(name)):
                 os.remove(self.path(name))
             storage.download(storage.join(self.run_dir, name), self.path(name))
+        if os.path.isdir(self.path(BEST_DIR)):
+            try:
+                load_checkpoint(self.path(BEST_DIR))
+            except CheckpointError:
+                shutil.rmtree(self.path(BEST_DIR))
+                storage.delete_dir(storage.join(self.run_dir, BEST_DIR))
+
+    def _files(self) -> list[str]:
+        """The mirror's published files as relative paths, each checkpoint marker after its state file."""
+        files = []
+        for name in self.PUBLISHED:
+            if os.path.isfile(self.path(name)):
+                files.append(name)
+            elif os.path.isdir(self.path(name)):
+                files += sorted(os.path.relpath(os.path.join(root, file), self.local)
+                                for root, _, names in os.walk(self.path(name)) for file in names)
+        return sorted(files, key=lambda relative: os.path.basename(relative) == MARKER_FILE)  # stable: markers last
 
     def publish(self) -> int:
-        """Copy the mirror's files to the run directory; returns the bytes uploaded (0 when local)."""
+        """Upload the files changed since the last publish; returns the bytes uploaded (0 when local).
+
+        A checkpoint's marker is removed first and uploaded last, so an interrupted publish leaves best/
+        incomplete (refused, and dropped by the next attempt's `restore`), never a mismatched pair.
+        """
         if not storage.is_uri(self.run_dir):
             return 0
-        return sum(storage.upload(self.path(name), storage.join(self.run_dir, name))
-                   for name in self.PUBLISHED if os.path.exists(self.path(name)))
+        changed = []
+        for relative in self._files():
+            status = os.stat(self.path(relative))
+            if self._published.get(relative) != (status.st_size, status.st_mtime_ns):
+                changed.append((relative, (status.st_size, status.st_mtime_ns)))
+        for relative, _ in changed:
+            if os.path.basename(relative) == MARKER_FILE:
+                storage.delete_file(self.location(relative))
+        copied = 0
+        for relative, stamp in changed:
+            copied += storage.upload(self.path(relative), self.location(relative))
+            self._published[relative] = stamp
+        return copied
+
+    def location(self, relative: str) -> str:
+        return storage.join(self.run_dir, *relative.split(os.sep))

@@ -129,23 +129,20 @@ def delete_dir(location: str) -> None:
 
 
 def upload(local_path: str, location: str) -> int:
-    """Copy a local file or directory tree to `location` (no-op when it is that same local path); returns
-    the bytes copied. Each file is written whole, so a reader never sees part of one."""
-    if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
-        return 0
+    """Copy a local file or directory tree to `location`; returns the bytes copied. Each object is
+    replaced whole when its upload completes, so a reader never sees part of one."""
     filesystem, base = resolve(location)
     files = [local_path] if os.path.isfile(local_path) else [
         os.path.join(root, name) for root, _, names in os.walk(local_path) for name in names]
     copied = 0
     for file in sorted(files):
         relative = os.path.relpath(file, local_path) if file != local_path else ""
-        target = posixpath.join(base, *relative.split(os.sep)) if relative else base
-        if is_uri(location):  # an object is replaced whole when its upload completes
-            with open(file, "rb") as source, filesystem.open_output_stream(target) as sink:
+        try:
+            with open(file, "rb") as source, filesystem.open_output_stream(
+                    posixpath.join(base, *relative.split(os.sep)) if relative else base) as sink:
                 shutil.copyfileobj(source, sink, _CHUNK)
-        else:
-            with open(file, "rb") as source:
-                write_bytes(target, source.read())
+        except OSError as error:
+            raise StorageError(f"cannot upload {file} to {location}: {error}") from None
         copied += os.path.getsize(file)
     return copied
 
@@ -155,8 +152,6 @@ def download(location: str, local_path: str, exclude: Callable[[str], bool] = la
     "/"-separated relative path `exclude` matches; False when nothing is there."""
     import pyarrow.fs
 
-    if not is_uri(location) and os.path.abspath(local_path) == os.path.abspath(location):
-        return os.path.exists(local_path)
     filesystem, path = resolve(location)
     info = _info(location)
     if info.type == pyarrow.fs.FileType.NotFound:
@@ -207,11 +202,11 @@ def check_usable(location: str) -> None:
 
 def local_copy(location: str, exclude: Callable[[str], bool] = lambda relative: False) -> str:
     """A local directory with `location`'s files, for readers that need paths (report, eval, export): the
-    location itself when local, else a fresh download into this machine's cache (see `download`)."""
+    location itself when local, else a download into a new temporary directory (see `download`)."""
     if not is_uri(location):
         return location
-    directory = working_dir(location, "read")
-    shutil.rmtree(directory)
+    # A fresh directory per call: two readers of one location must not delete each other's files.
+    directory = tempfile.mkdtemp(prefix="sparsedist-read-")
     if not download(location, directory, exclude):
         raise StorageError(f"nothing at {location}")
     return directory

@@ -29,6 +29,7 @@ from sparsedist.logging import read_jsonl
 from sparsedist.rundir import RunMirror
 from sparsedist.train.checkpoint import load_checkpoint
 from tests.s3 import list_keys, new_bucket, s3_server
+from tests.test_launch_ray import registered
 from tests.test_tensorboard_sink import assert_events_match_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -140,7 +141,7 @@ def test_losing_a_node_restarts_from_the_s3_checkpoint_and_reproduces_the_run_bi
     def lose_rank0_node_in_epoch(epoch: int) -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            if os.path.exists(mirror_metrics) and any(
+            if os.path.exists(mirror_metrics) and registered(run_dir, epoch - 1) and any(
                     r["kind"] == "step" and r["epoch"] >= epoch for r in read_jsonl(mirror_metrics)):
                 node_id = worker_nodes(run_dir)[0]
                 node = next(n for n in cluster.worker_nodes if n.node_id == node_id)

@@ -15,7 +15,9 @@ from sparsedist import storage
 from sparsedist.config import load_config
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.train import add_train_arguments, config_from_args, main
-from sparsedist.rundir import CONFIG_FILE, RunDirError, RunMirror, check_run_dir, prepare_run_dir
+from sparsedist.launch.tune import SweepError, run_sweep, sweep_spec
+from sparsedist.rundir import RunDirError, RunMirror, check_run_dir, prepare_run_dir
+from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.s3 import list_keys, new_bucket, s3_server
 
 
@@ -75,32 +77,45 @@ def test_a_run_directory_in_a_bucket_is_created_refused_resumed_and_overwritten(
     assert list_keys(bucket) == ["runs/a/config.yaml"]
 
 
-def test_the_mirror_publishes_rank0_files_and_a_restarted_attempt_restores_them(bucket):
+def test_the_mirror_publishes_changed_rank0_files_and_a_restarted_attempt_restores_them(bucket):
     run_dir = f"s3://{bucket}/runs/m"
     mirror = RunMirror(run_dir)
     shutil.rmtree(mirror.local)
     os.makedirs(os.path.join(mirror.local, "tensorboard"))
-    os.makedirs(os.path.join(mirror.local, "best"))
-    files = {"metrics.jsonl": b'{"kind": "epoch"}\n', "tensorboard/events.out.tfevents.1": b"\x00" * 100,
-             "best/state.pt": b"weights", "best/COMPLETE": b"{}", "pids/rank0.pid": b"host 1 node"}
     os.makedirs(os.path.join(mirror.local, "pids"))
+    save_checkpoint({"epoch": 3}, mirror.path("best"))
+    files = {"metrics.jsonl": b'{"kind": "epoch"}\n', "tensorboard/events.out.tfevents.1": b"\x00" * 100,
+             "pids/rank0.pid": b"host 1 node"}
     for name, content in files.items():
         with open(os.path.join(mirror.local, name), "wb") as handle:
             handle.write(content)
-    published = mirror.publish()
-    assert published == sum(len(c) for n, c in files.items() if not n.startswith("pids/"))
-    assert list_keys(bucket) == sorted(f"runs/m/{n}" for n in files if not n.startswith("pids/"))
+    best_bytes = sum(os.path.getsize(mirror.path(f"best/{name}")) for name in ("state.pt", "COMPLETE"))
+    assert mirror.publish() == best_bytes + len(files["metrics.jsonl"]) + 100
+    assert list_keys(bucket) == ["runs/m/best/COMPLETE", "runs/m/best/state.pt", "runs/m/metrics.jsonl",
+                                 "runs/m/tensorboard/events.out.tfevents.1"]  # pids/ stays on the node
+    with open(mirror.path("metrics.jsonl"), "ab") as handle:
+        handle.write(b'{"kind": "step"}\n')
+    assert mirror.publish() == len(files["metrics.jsonl"]) + 17  # only what changed goes up again
+
     # Another attempt on this node: stale local files give way to what the run directory holds.
-    with open(os.path.join(mirror.local, "metrics.jsonl"), "wb") as handle:
-        handle.write(b"stale\n")
     with open(os.path.join(mirror.local, "tensorboard", "events.out.tfevents.2"), "wb") as handle:
         handle.write(b"stale")
+    shutil.rmtree(mirror.path("best"))
     mirror.restore()
-    for name, content in files.items():
-        with open(os.path.join(mirror.local, name), "rb") as handle:
-            assert handle.read() == content, name
+    assert load_checkpoint(mirror.path("best"))["epoch"] == 3
     assert os.listdir(os.path.join(mirror.local, "tensorboard")) == ["events.out.tfevents.1"]
+
+    # A publish interrupted between best/'s two uploads leaves it without its marker: the next attempt drops it.
+    storage.delete_file(storage.join(run_dir, "best", "COMPLETE"))
+    RunMirror(run_dir).restore()
+    assert not os.path.exists(mirror.path("best")) and "runs/m/best/state.pt" not in list_keys(bucket)
     shutil.rmtree(mirror.local)
+
+
+def test_a_sweep_directory_in_object_storage_is_refused_with_the_reason(s3):
+    spec = sweep_spec("smoke", "tune_spaces/adaptive_reset.yaml")
+    with pytest.raises(SweepError, match="sweeps need a filesystem path"):
+        run_sweep(spec, "s3://bucket/sweeps/x")
 
 
 def test_data_prepared_into_a_bucket_is_fetched_into_node_caches_and_verified(bucket):

@@ -75,20 +75,25 @@ def prepare(data_cfg, log: Callable[[str], None] = print) -> PreparedPaths:
     """Make sure the verified .beton files for `data_cfg` (a `sparsedist.config.DataConfig`) exist; return their paths.
 
     A no-op when they already verify. Concurrent callers on one node wait for the single writer.
-    Raises DataUnavailableError when a build is needed and no source can be found.
+    Raises DataUnavailableError when a build is needed and no source can be found, StorageError when an
+    object-store data.root cannot be written.
     """
     directory = prepared_dir(data_cfg)
     remote = storage.join(data_cfg.root, prepared_name(data_cfg)) if storage.is_uri(data_cfg.root) else None
     expected = identity(data_cfg)
     problem = find_problem(directory, expected)
-    if problem is not None:
+    unpublished = problem is None and remote is not None and not storage.is_file(storage.join(remote, MANIFEST))
+    if problem is not None or unpublished:
         directory.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(directory / ".lock", log):
             problem = find_problem(directory, expected)  # the process we waited for may have built it
             if problem is not None and not (remote is not None and _fetch(remote, directory, expected, log)):
-                _build(directory, data_cfg, expected, problem, log)
                 if remote is not None:
-                    _publish(directory, remote, log)
+                    storage.check_usable(data_cfg.root)  # a bad bucket fails before the build, not after
+                _build(directory, data_cfg, expected, problem, log)
+                unpublished = remote is not None
+            if unpublished:  # built here, by now or by an earlier run whose upload failed
+                _publish(directory, remote, log)
     counts = {split: record["count"] for split, record in read_manifest(directory)["splits"].items()}
     paths = {split: directory / f"{split}.beton" if split in counts else None for split in SPLITS}
     return PreparedPaths(directory, paths["train"], paths["val"], paths["test"], counts)

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from sparsedist import storage
 from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
@@ -233,6 +234,18 @@ def trial_concurrency(requested: int | None, scaling: ScalingConfig, resources: 
     raise SweepError(f"{problem}: {remedy} (the embedded cluster never grows)")
 
 
+def refuse_unshared_sweep_dir(sweep_dir: str) -> None:
+    """Sweeps run in a filesystem directory (trials tail their run directories' files, and PBT hands off
+    local checkpoints): object-store URIs are refused, and so is a relative path on a cluster, which
+    would resolve in the job's temporary directory on the driver's node."""
+    if storage.is_uri(sweep_dir):
+        raise SweepError(f"--sweep-dir {sweep_dir}: sweeps need a filesystem path (shared storage such as NFS "
+                         "on a multi-node cluster); object storage works for `sparsedist train` run directories only")
+    if os.environ.get("RAY_ADDRESS") and not os.path.isabs(os.path.expanduser(sweep_dir)):
+        raise SweepError(f"--sweep-dir {sweep_dir} is relative (or unset) while attached to a cluster (RAY_ADDRESS): "
+                         "give an absolute path on storage every node sees")
+
+
 def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
     """Refuse a sweep directory that holds another sweep, or a resume with nothing (or another sweep) to resume."""
     stored_path = os.path.join(sweep_dir, SWEEP_FILE)
@@ -291,15 +304,15 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
 
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
-    from ray import tune
-
     space, corner_configs = check_sweep(spec)
+    refuse_unshared_sweep_dir(sweep_dir)
     sweep_dir = os.path.abspath(sweep_dir)
     check_sweep_dir(spec, sweep_dir, resume)
     scaling = largest_scaling(corner_configs)
     tune_dir = os.path.join(sweep_dir, TUNE_DIR)
     with ray_session(scaling, resource_wait_s=resource_wait_s):
-        import ray
+        import ray  # only now: an embedded cluster's loopback environment must be set before Ray's first import
+        from ray import tune
 
         from sparsedist.launch.timeline import TrialTimeline  # these import Ray: only once ray_session has set
         from sparsedist.launch.trial import trial_driver  # its environment

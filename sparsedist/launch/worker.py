@@ -108,6 +108,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
 
 def run_replica(cfg: Config) -> None:
+    # Deterministic cuBLAS reductions (see `train.loop.train`); read when CUDA initializes, so set first.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     run_dir = cfg.run.run_dir
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -122,7 +124,7 @@ def run_replica(cfg: Config) -> None:
     if resume_state is None and cfg.run.init_from is not None:
         # A new run continuing another run's state under this config (PBT's exploit): loaded on the CPU,
         # the loop moves it onto the model's device.
-        resume_state = load_checkpoint(cfg.run.init_from)
+        resume_state = load_checkpoint(storage.local_copy(cfg.run.init_from))
     last_done_epoch = -1 if resume_state is None else resume_state["epoch"]
     loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=last_done_epoch + 1)
 
@@ -133,6 +135,8 @@ def run_replica(cfg: Config) -> None:
         with open(mirror.path(ATTEMPTS_FILE), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"start_epoch": last_done_epoch + 1, "started_at": time.time(), **record},
                                     sort_keys=True) + "\n")
+        if storage.is_uri(run_dir):  # now, not at the next checkpoint: an attempt that dies first still counts
+            storage.upload(mirror.path(ATTEMPTS_FILE), storage.join(run_dir, ATTEMPTS_FILE))
         log.info(banner(run_dir, storage.join(run_dir, TENSORBOARD_DIR), record))
         if resume_state is not None:
             log.info(f"  resuming after epoch {last_done_epoch + 1} (step {resume_state['step']})")

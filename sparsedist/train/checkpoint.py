@@ -72,11 +72,14 @@ def _read_verified(directory: str) -> bytes:
     return payload
 
 
-def _identity(directory: str) -> int | None:
+def _identity(directory: str) -> tuple[int, int] | None:
+    """Which directory is at the name: a replacement has another inode, or (inode numbers are reused once
+    the old one is deleted) a newer change time, since a rename updates it."""
     try:
-        return os.stat(directory).st_ino
+        status = os.stat(directory)
     except OSError:
         return None
+    return status.st_ino, status.st_ctime_ns
 
 
 def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -155,6 +155,12 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
           on_epoch_end: Callable[[EpochEnd], None] | None = None,
           resume_state: dict[str, Any] | None = None) -> TrainResult:
     rank, world_size = world()
+    if device.type == "cuda":
+        # Bitwise-reproducible steps (seeded reruns, resume): cuDNN's autotuner and non-deterministic
+        # kernels would let an attempt drift from the one it continues. cuBLAS needs
+        # CUBLAS_WORKSPACE_CONFIG too, set by the worker before CUDA starts.
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
 
