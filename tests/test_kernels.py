@@ -53,11 +53,13 @@ def on_device_zero_below(x: torch.Tensor, threshold: float, use_kernel: bool) ->
     return ops.zero_below_with_histogram(x, torch.tensor(threshold, device=x.device), use_kernel)
 
 
+# The second shape spans several kernel blocks per sample (1,615 values > the 1,024 of a block).
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (2, 5, 17, 19)], ids=["one-block", "several-blocks"])
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "eager-in-op"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, use_kernel):
-    x = site_input((3, 5, 7, 9), dtype, layout, seed=0)
+def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, use_kernel, shape):
+    x = site_input(shape, dtype, layout, seed=0)
     for keep_ratio in (0.01, 0.2, 0.6, 1.0):
         ours, ours_grad = forward_and_gradient(lambda v: on_device_top_k(v, keep_ratio, use_kernel), x)
         reference, reference_grad = forward_and_gradient(lambda v: top_k_per_sample(v, keep_ratio), x)

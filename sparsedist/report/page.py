@@ -112,7 +112,7 @@ def write_report(paths: Sequence[str], out_dir: str, bench_json: str | None = No
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sparsedist report` arguments."""
     parser.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP_DIR", help="run directories and sweep directories")
-    parser.add_argument("--out", help="output directory (default: <first input>/report)")
+    parser.add_argument("--out", help="output directory (default: <first input>/report; ./report for a storage URI)")
     parser.add_argument("--bench-json", help="a `sparsedist bench inference --json` file: adds accuracy and latency vs rho")
 
 
@@ -125,7 +125,9 @@ def without_checkpoints(relative: str) -> bool:
 def report_from_args(args: argparse.Namespace) -> int:
     try:
         paths = [storage.local_copy(path, exclude=without_checkpoints) for path in args.paths]
-        page = write_report(paths, args.out or os.path.join(paths[0], "report"), args.bench_json)
+        # A run read from storage is a temporary copy: its report goes to ./report unless --out says where.
+        default_out = "report" if storage.is_uri(args.paths[0]) else os.path.join(paths[0], "report")
+        page = write_report(paths, args.out or default_out, args.bench_json)
     except (ReportError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
