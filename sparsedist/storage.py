@@ -47,6 +47,7 @@ def join(location: str, *parts: str) -> str:
 def parent_and_name(location: str) -> tuple[str, str]:
     """(parent location, last path component): Ray Train's storage_path and run name for a run directory."""
     if not is_uri(location):
+        location = location.rstrip(os.sep) or os.sep
         return os.path.dirname(location), os.path.basename(location)
     scheme, netloc, path, query, fragment = urlsplit(location)
     path = path.rstrip("/")
@@ -87,6 +88,18 @@ def is_nonempty_dir(location: str) -> bool:
     if _info(location).type != pyarrow.fs.FileType.Directory:
         return False
     return bool(filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def list_dir(location: str) -> list[str]:
+    """The names directly under `location` (files and directories), sorted; [] when there is nothing."""
+    import pyarrow.fs
+
+    filesystem, path = resolve(location)
+    try:
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    except OSError as error:
+        raise StorageError(f"cannot list {location}: {error}") from None
+    return sorted(posixpath.basename(entry.path) for entry in entries)
 
 
 def read_bytes(location: str) -> bytes:
@@ -137,9 +150,11 @@ def upload(local_path: str, location: str) -> int:
     copied = 0
     for file in sorted(files):
         relative = os.path.relpath(file, local_path) if file != local_path else ""
+        target = posixpath.join(base, *relative.split(os.sep)) if relative else base
+        if not is_uri(location):  # object stores have no directories to make
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         try:
-            with open(file, "rb") as source, filesystem.open_output_stream(
-                    posixpath.join(base, *relative.split(os.sep)) if relative else base) as sink:
+            with open(file, "rb") as source, filesystem.open_output_stream(target) as sink:
                 shutil.copyfileobj(source, sink, _CHUNK)
         except OSError as error:
             raise StorageError(f"cannot upload {file} to {location}: {error}") from None

@@ -2,7 +2,8 @@
 (`ray.cluster_utils.Cluster`: a head with no CPUs and three 1-CPU worker nodes, so two 1-CPU workers
 must sit on different nodes) and a real S3 API server on 127.0.0.1 holding run directories and data. One 2-node run, then the same run
 losing the node of rank 0 mid-training: Ray Train restarts it on the remaining nodes from its last
-checkpoint registered on S3, and it must end bitwise equal to the uninterrupted run. The third node is
+checkpoint registered on S3, and it must end bitwise equal to the uninterrupted run. Last, a sweep whose
+directory is in the bucket. The third node is
 the replacement, up from the start: `Cluster.add_node` fails when called from the thread that watches
 the run. Network scope here; the SIGKILL restart test in test_launch_ray covers layer scope."""
 
@@ -25,6 +26,7 @@ from sparsedist.report.page import REPORT_MD
 from sparsedist.config import load_config
 from sparsedist.launch.cluster import EMBEDDED_ENV
 from sparsedist.launch.train import run_training
+from sparsedist.launch.tune import run_sweep, sweep_spec
 from sparsedist.logging import read_jsonl
 from sparsedist.rundir import RunMirror
 from sparsedist.train.checkpoint import load_checkpoint
@@ -168,3 +170,24 @@ def test_losing_a_node_restarts_from_the_s3_checkpoint_and_reproduces_the_run_bi
         assert torch.equal(state["model"][name], tensor), name
     assert state["controller"] == expected["controller"] and state["sparsity"] == expected["sparsity"]
     assert history(run_dir) == history(reference[0])
+
+
+def test_a_sweep_in_s3_runs_resumes_and_reports(cluster, bucket, data_root, tmp_path):
+    # Two seeds of a one-epoch smoke run; each trial's driver and worker land wherever Tune places them.
+    sweep_dir = f"s3://{bucket}/sweeps/seeds"
+    space = tmp_path / "space.yaml"
+    space.write_text("run.seed: {grid: [0, 1]}\n")
+    spec = sweep_spec("smoke", str(space), overrides=["train.epochs=1", f"data.root={data_root}"])
+    trials = run_sweep(spec, sweep_dir, max_concurrent=2)
+    assert sorted(t.status for t in trials) == ["completed", "completed"]
+    keys = list_keys(bucket, "sweeps/seeds/")
+    for name in ("sweep.yaml", "sweep.csv", "summary.md"):
+        assert f"sweeps/seeds/{name}" in keys, name
+    for trial in trials:
+        assert trial.run.run_dir == f"{sweep_dir}/trials/{trial.trial_id}"
+        for name in ("trial.json", "config.yaml", "metrics.jsonl", "summary.json", "epoch_00000/state.pt"):
+            assert f"sweeps/seeds/trials/{trial.trial_id}/{name}" in keys, name
+    # Resuming a finished sweep from the bucket restores Tune's state there and runs nothing again.
+    resumed = run_sweep(spec, sweep_dir, max_concurrent=2, resume=True)
+    assert [(t.trial_id, t.run.epochs) for t in resumed] == [(t.trial_id, t.run.epochs) for t in trials]
+    assert cli(["report", sweep_dir, "--out", str(tmp_path / "report")]) == 0

@@ -112,10 +112,10 @@ def test_the_mirror_publishes_changed_rank0_files_and_a_restarted_attempt_restor
     shutil.rmtree(mirror.local)
 
 
-def test_a_sweep_directory_in_object_storage_is_refused_with_the_reason(s3):
-    spec = sweep_spec("smoke", "tune_spaces/adaptive_reset.yaml")
-    with pytest.raises(SweepError, match="sweeps need a filesystem path"):
-        run_sweep(spec, "s3://bucket/sweeps/x")
+def test_a_relative_sweep_directory_is_refused_while_attached_to_a_cluster(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # refused before any connection is tried
+    with pytest.raises(SweepError, match="is relative .* while attached to a cluster"):
+        run_sweep(sweep_spec("smoke", "tune_spaces/adaptive_reset.yaml"), "sweeps/x")
 
 
 def test_data_prepared_into_a_bucket_is_fetched_into_node_caches_and_verified(bucket):

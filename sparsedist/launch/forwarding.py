@@ -1,7 +1,7 @@
 """Rank 0's epoch reports from a Ray Train run to the Tune trial that drives it.
 
 A Ray Train callback, running in the Train controller, puts rank 0's epoch metrics (all-reduced before
-they are reported) and the path of the checkpoint registered with them on a queue; the trial's own thread
+they are reported) and the checkpoint registered with them on a queue; the trial's own thread
 takes them off while `fit()` runs in a second thread. This module stays light: Ray ships the callback to
 the Train controller and every worker, which import it before anything else, so it must not pull in
 FFCV, torchvision or the training code (seconds per process, on every trial's start).
@@ -19,16 +19,17 @@ QUEUE_POLL_S = 1.0
 
 
 class ForwardReports(UserCallback):
-    """Ray Train callback: (rank 0's metrics, registered checkpoint path or None) onto the trial's queue."""
+    """Ray Train callback: (rank 0's metrics, registered checkpoint or None) onto the trial's queue. The
+    checkpoint travels whole (its filesystem with its path): run directories may be in object storage."""
 
     def __init__(self, queue: Queue):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        self.queue.put((metrics[0], checkpoint.path if checkpoint is not None else None))
+        self.queue.put((metrics[0], checkpoint))
 
 
-def fit_and_forward(trainer, queue: Queue, report: Callable[[dict[str, Any], str | None], None]) -> None:
+def fit_and_forward(trainer, queue: Queue, report: Callable[[dict[str, Any], Any], None]) -> None:
     """`trainer.fit()` in a thread, every forwarded report passed to `report` in this thread; fit's error re-raised."""
     failures: list[BaseException] = []
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import nullcontext
 from functools import partial
@@ -26,11 +25,12 @@ from typing import Any
 from ray import tune
 from ray.util.queue import Queue
 
+from sparsedist import storage
 from sparsedist.config import Config, apply_overrides, validate
 from sparsedist.launch.forwarding import ForwardReports, fit_and_forward
 from sparsedist.launch.space import parse_space
 from sparsedist.launch.train import make_trainer, raise_run_error
-from sparsedist.logging import JsonLinesTail, flatten_epoch
+from sparsedist.logging import JsonLinesTail, flatten_epoch, read_jsonl
 from sparsedist.report.runs import is_run_dir, read_run
 from sparsedist.report.sweep import TRIAL_FILE, TRIALS_DIR, read_trial_file, write_trial_file
 from sparsedist.rundir import METRICS_FILE, prepare_run_dir
@@ -43,29 +43,33 @@ START_DIR = "start"  # in an exploited trial's run directory: the donor's state 
 def trial_config(spec: dict[str, Any], sampled: dict[str, Any], trial_id: str, sweep_dir: str) -> Config:
     """A trial's config: base, then its sampled values, then its own run name and directory."""
     data = apply_overrides(spec["base"], parse_space(spec["space"]).overrides(sampled))
-    return validate(apply_overrides(data, {"run.name": trial_id, "run.run_dir": os.path.join(sweep_dir, TRIALS_DIR, trial_id)}))
+    run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_id)
+    return validate(apply_overrides(data, {"run.name": trial_id, "run.run_dir": run_dir}))
 
 
-def write_handoff(directory: str, trial_id: str, run_dir: str, epoch: int, checkpoint_path: str) -> None:
-    shutil.copytree(checkpoint_path, os.path.join(directory, HANDOFF_STATE_DIR))
-    # Rank 0 may be writing the next epoch's records: the tail reader skips a half-written last line.
-    records = [r for r in JsonLinesTail(os.path.join(run_dir, METRICS_FILE)).read_new() if r["epoch"] <= epoch]
+def write_handoff(directory: str, trial_id: str, run_dir: str, epoch: int, checkpoint: tune.Checkpoint) -> None:
+    checkpoint.to_directory(os.path.join(directory, HANDOFF_STATE_DIR))  # from wherever Ray Train stored it
+    metrics_path = storage.join(run_dir, METRICS_FILE)
+    # A local metrics.jsonl may hold a half-written record of the next epoch (the tail reader skips it); in
+    # object storage the file is whole, published before the checkpoint was registered.
+    records = read_jsonl(metrics_path) if storage.is_uri(run_dir) else JsonLinesTail(metrics_path).read_new()
+    records = [r for r in records if r["epoch"] <= epoch]
     with open(os.path.join(directory, METRICS_FILE), "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
     with open(os.path.join(directory, HANDOFF_FILE), "w", encoding="utf-8") as handle:
         json.dump({"trial_id": trial_id, "epoch": epoch}, handle)
 
 
-def report_epoch(metrics: dict[str, Any], checkpoint_path: str | None, *, trial_id: str, run_dir: str,
+def report_epoch(metrics: dict[str, Any], checkpoint: tune.Checkpoint | None, *, trial_id: str, run_dir: str,
                  handoff_every: int | None, epochs: int) -> None:
     """Report one epoch to Tune; under PBT, a perturbation epoch's report carries the hand-off, except the last
     epoch's: a finished run has nothing left to train, so continuing it would only copy its result."""
     epoch = metrics["epoch"]
-    if handoff_every is None or checkpoint_path is None or (epoch + 1) % handoff_every or epoch + 1 == epochs:
+    if handoff_every is None or checkpoint is None or (epoch + 1) % handoff_every or epoch + 1 == epochs:
         tune.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="sparsedist-handoff-") as directory:
-        write_handoff(directory, trial_id, run_dir, epoch, checkpoint_path)
+        write_handoff(directory, trial_id, run_dir, epoch, checkpoint)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))  # Tune copies it into its storage
 
 
@@ -74,10 +78,10 @@ def continue_donor(cfg: Config, handoff_dir: str, handoff: dict[str, Any], sampl
     """PBT's exploit: the trial's run directory becomes a new run starting from the donor's state, with the
     donor's metrics history up to that epoch and this trial's (mutated) config."""
     run_dir = cfg.run.run_dir
-    start = os.path.join(run_dir, START_DIR)
+    start = storage.join(run_dir, START_DIR)
     cfg = prepare_run_dir(validate(apply_overrides(cfg.to_dict(), {"run.init_from": start})), overwrite=True)
-    shutil.copytree(os.path.join(handoff_dir, HANDOFF_STATE_DIR), start)
-    shutil.copyfile(os.path.join(handoff_dir, METRICS_FILE), os.path.join(run_dir, METRICS_FILE))
+    storage.upload(os.path.join(handoff_dir, HANDOFF_STATE_DIR), start)
+    storage.upload(os.path.join(handoff_dir, METRICS_FILE), storage.join(run_dir, METRICS_FILE))
     exploit = {"epoch": handoff["epoch"], "donor": handoff["trial_id"], "params": sampled}
     write_trial_file(run_dir, cfg.run.name, sampled, exploits=[*exploits, exploit])
     return cfg
@@ -88,7 +92,7 @@ def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: st
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, sampled, trial_id, sweep_dir)
     run_dir = cfg.run.run_dir
-    exploits = read_trial_file(run_dir)["exploits"] if os.path.isfile(os.path.join(run_dir, TRIAL_FILE)) else []
+    exploits = read_trial_file(run_dir)["exploits"] if storage.is_file(storage.join(run_dir, TRIAL_FILE)) else []
     checkpoint = tune.get_checkpoint()  # a hand-off: this trial's own (resume) or, after an exploit, the donor's
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as handoff_dir:
         handoff = None

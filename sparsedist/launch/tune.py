@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import posixpath
 import sys
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -173,8 +174,8 @@ def record_trial_errors(sweep_dir: str, results) -> None:
     driver's: see `trial.trial_driver`)."""
     for result in results:
         trial_id = os.path.basename(result.path)
-        run_dir = os.path.join(sweep_dir, TRIALS_DIR, trial_id)
-        if result.error is not None and os.path.isfile(os.path.join(run_dir, TRIAL_FILE)):
+        run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_id)
+        if result.error is not None and storage.is_file(storage.join(run_dir, TRIAL_FILE)):
             # A Ray task error's text is its traceback; the last line names the exception.
             record_trial_error(run_dir, str(result.error).strip().splitlines()[-1])
 
@@ -182,8 +183,8 @@ def record_trial_errors(sweep_dir: str, results) -> None:
 def write_completed_summaries(sweep_dir: str) -> None:
     """summary.json (the train layout's completion mark) for every trial that ran all its epochs."""
     for trial in read_trials(sweep_dir):
-        path = os.path.join(trial.run.run_dir, SUMMARY_FILE)
-        if trial.run.completed and not os.path.isfile(path):
+        path = storage.join(trial.run.run_dir, SUMMARY_FILE)
+        if trial.run.completed and not storage.is_file(path):
             write_json_atomic(path, {**trial.run.summary, "run_dir": trial.run.run_dir})
 
 
@@ -234,23 +235,18 @@ def trial_concurrency(requested: int | None, scaling: ScalingConfig, resources: 
     raise SweepError(f"{problem}: {remedy} (the embedded cluster never grows)")
 
 
-def refuse_unshared_sweep_dir(sweep_dir: str) -> None:
-    """Sweeps run in a filesystem directory (trials tail their run directories' files, and PBT hands off
-    local checkpoints): object-store URIs are refused, and so is a relative path on a cluster, which
-    would resolve in the job's temporary directory on the driver's node."""
-    if storage.is_uri(sweep_dir):
-        raise SweepError(f"--sweep-dir {sweep_dir}: sweeps need a filesystem path (shared storage such as NFS "
-                         "on a multi-node cluster); object storage works for `sparsedist train` run directories only")
-    if os.environ.get("RAY_ADDRESS") and not os.path.isabs(os.path.expanduser(sweep_dir)):
+def refuse_relative_sweep_dir_on_cluster(sweep_dir: str) -> None:
+    """A relative sweep directory on a cluster would resolve in the job's temporary directory on the
+    driver's node: refused, as for run directories."""
+    if os.environ.get("RAY_ADDRESS") and not (storage.is_uri(sweep_dir) or os.path.isabs(os.path.expanduser(sweep_dir))):
         raise SweepError(f"--sweep-dir {sweep_dir} is relative (or unset) while attached to a cluster (RAY_ADDRESS): "
-                         "give an absolute path on storage every node sees")
+                         "give an absolute path on storage every node sees, or a URI such as s3://bucket/sweeps/<name>")
 
 
 def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
     """Refuse a sweep directory that holds another sweep, or a resume with nothing (or another sweep) to resume."""
-    stored_path = os.path.join(sweep_dir, SWEEP_FILE)
     if resume:
-        if not os.path.isfile(stored_path):
+        if not storage.is_file(storage.join(sweep_dir, SWEEP_FILE)):
             raise SweepError(f"nothing to resume: {sweep_dir} holds no {SWEEP_FILE}")
         stored = read_sweep_file(sweep_dir)
         differences = sorted(k for k in stored.keys() | spec.to_dict().keys() if stored.get(k) != spec.to_dict().get(k))
@@ -258,14 +254,12 @@ def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
             raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} (resume with "
                              "the same --config, --space, --set, --metric, --scheduler and its settings, --search-alg "
                              "and --num-samples)")
-    elif os.path.isdir(sweep_dir) and os.listdir(sweep_dir):
+    elif storage.is_nonempty_dir(sweep_dir):
         raise SweepError(f"{sweep_dir} already holds a sweep: pass --resume to continue it, or choose another --sweep-dir")
 
 
 def write_sweep_file(spec: SweepSpec, sweep_dir: str) -> None:
-    os.makedirs(sweep_dir, exist_ok=True)
-    with open(os.path.join(sweep_dir, SWEEP_FILE), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(spec.to_dict(), handle, sort_keys=False)
+    storage.write_bytes(storage.join(sweep_dir, SWEEP_FILE), yaml.safe_dump(spec.to_dict(), sort_keys=False).encode())
 
 
 def make_scheduler(spec: SweepSpec, space: SearchSpace, max_epochs: int):
@@ -305,11 +299,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
     space, corner_configs = check_sweep(spec)
-    refuse_unshared_sweep_dir(sweep_dir)
-    sweep_dir = os.path.abspath(sweep_dir)
+    refuse_relative_sweep_dir_on_cluster(sweep_dir)
+    sweep_dir = sweep_dir if storage.is_uri(sweep_dir) else os.path.abspath(sweep_dir)
+    if storage.is_uri(sweep_dir):
+        storage.check_usable(sweep_dir)
     check_sweep_dir(spec, sweep_dir, resume)
     scaling = largest_scaling(corner_configs)
-    tune_dir = os.path.join(sweep_dir, TUNE_DIR)
+    # Tune's own state lives in the sweep directory too, on whatever filesystem holds it.
+    filesystem, sweep_path = storage.resolve(sweep_dir)
+    filesystem = filesystem if storage.is_uri(sweep_dir) else None
+    tune_dir = posixpath.join(sweep_path, TUNE_DIR)
     with ray_session(scaling, resource_wait_s=resource_wait_s):
         import ray  # only now: an embedded cluster's loopback environment must be set before Ray's first import
         from ray import tune
@@ -326,8 +325,9 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
             prepare(data)
         trainable = tune.with_resources(partial(trial_driver, spec=spec.to_dict(), sweep_dir=sweep_dir),
                                         {"cpu": DRIVER_CPUS})
-        if resume and tune.Tuner.can_restore(tune_dir):
-            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True)
+        if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
+            tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
+                                       storage_filesystem=filesystem)
         else:  # a fresh sweep, or one interrupted before Tune saved any state
             scheduler = make_scheduler(spec, space, max_epochs=max(c.train.epochs for c in corner_configs))
             tuner = tune.Tuner(
@@ -340,7 +340,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                     # Not reuse_actors: a trial that is stopped or paused (ASHA, PBT) must take its Train run with
                     # it, and only the end of its driver's process ends the Train controller it owns.
                 ),
-                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_dir,
+                run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_path, storage_filesystem=filesystem,
                                           callbacks=[TrialTimeline(events)] if events is not None else None),
             )
         results = tuner.fit()
@@ -393,13 +393,13 @@ def tune_from_args(args: argparse.Namespace) -> int:
     except ConfigError as error:  # SpaceError included
         print(error.format(), file=sys.stderr)
         return 2
-    except (SweepError, ClusterError, DataUnavailableError) as error:
+    except (SweepError, ClusterError, DataUnavailableError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    sweep_dir = os.path.abspath(sweep_dir)
+    sweep_dir = sweep_dir if storage.is_uri(sweep_dir) else os.path.abspath(sweep_dir)
     statuses = [t.status for t in trials]
     print(f"{len(trials)} trials: " + ", ".join(f"{statuses.count(s)} {s}" for s in ("completed", "stopped", "error")))
-    print(f"results:     {os.path.join(sweep_dir, CSV_FILE)}\n             {os.path.join(sweep_dir, SUMMARY_MD)}")
-    print(f"TensorBoard: tensorboard --logdir {os.path.join(sweep_dir, TENSORBOARD_DIR)} --host 127.0.0.1")
+    print(f"results:     {storage.join(sweep_dir, CSV_FILE)}\n             {storage.join(sweep_dir, SUMMARY_MD)}")
+    print(f"TensorBoard: tensorboard --logdir {storage.join(sweep_dir, TENSORBOARD_DIR)} --host 127.0.0.1")
     print(f"report:      sparsedist report {sweep_dir}")
     return 0

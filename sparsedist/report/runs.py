@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from sparsedist import storage
 from sparsedist.config import Config, validate
 from sparsedist.rundir import CONFIG_FILE, METRICS_FILE
 from sparsedist.launch.summary import summarize
@@ -29,16 +30,15 @@ class RunRecords:
 
 
 def is_run_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+    return storage.is_file(storage.join(path, CONFIG_FILE))
 
 
 def read_run(run_dir: str) -> RunRecords:
-    """Read a run directory (config.yaml and metrics.jsonl, both written by the launch)."""
-    run_dir = os.path.abspath(run_dir)
-    with open(os.path.join(run_dir, CONFIG_FILE), encoding="utf-8") as handle:
-        config = validate(yaml.safe_load(handle))
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
-    records = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
+    """Read a run directory, a path or a storage URI (config.yaml and metrics.jsonl, both written by the launch)."""
+    run_dir = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
+    config = validate(yaml.safe_load(storage.read_bytes(storage.join(run_dir, CONFIG_FILE))))
+    metrics_path = storage.join(run_dir, METRICS_FILE)
+    records = read_jsonl(metrics_path) if storage.is_file(metrics_path) else []
     epochs = [r for r in records if r["kind"] == "epoch"]
     evaluated = any(r["eval"] for r in epochs)
     summary = summarize(records, select_keep_ratio=config.eval.select_keep_ratio) if evaluated else None

@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import yaml
 
+from sparsedist import storage
 from sparsedist.logging import flatten_epoch, flatten_hparams, regime_key
 from sparsedist.report.runs import RunRecords, read_run, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, GroupStats, group_stats, holm, welch_t_test
@@ -86,13 +87,13 @@ def _number(value: float | None) -> str:
 # ------------------------------------------------------------------------------------ reading
 def write_trial_file(run_dir: str, trial_id: str, params: dict[str, Any], error: str | None = None,
                      exploits: Iterable[dict[str, Any]] = ()) -> None:
-    with open(os.path.join(run_dir, TRIAL_FILE), "w", encoding="utf-8") as handle:
-        json.dump({"trial_id": trial_id, "params": params, "error": error, "exploits": list(exploits)}, handle, indent=2)
+    data = {"trial_id": trial_id, "params": params, "error": error, "exploits": list(exploits)}
+    storage.write_bytes(storage.join(run_dir, TRIAL_FILE), json.dumps(data, indent=2).encode())
 
 
 def read_trial_file(run_dir: str) -> dict[str, Any]:
-    with open(os.path.join(run_dir, TRIAL_FILE), encoding="utf-8") as handle:
-        return {"exploits": [], **json.load(handle)}  # trial.json of older sweeps has no exploits
+    # trial.json of older sweeps has no exploits
+    return {"exploits": [], **json.loads(storage.read_bytes(storage.join(run_dir, TRIAL_FILE)))}
 
 
 def record_trial_error(run_dir: str, error: str) -> None:
@@ -101,17 +102,16 @@ def record_trial_error(run_dir: str, error: str) -> None:
 
 
 def read_sweep_file(sweep_dir: str) -> dict[str, Any]:
-    with open(os.path.join(sweep_dir, SWEEP_FILE), encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    return yaml.safe_load(storage.read_bytes(storage.join(sweep_dir, SWEEP_FILE)))
 
 
 def read_trials(sweep_dir: str) -> list[Trial]:
-    """Every trial that started, in trial-id order."""
-    root = os.path.join(sweep_dir, TRIALS_DIR)
+    """Every trial that started, in trial-id order (the sweep directory: a path or a storage URI)."""
+    root = storage.join(sweep_dir, TRIALS_DIR)
     trials = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        run_dir = os.path.join(root, name)
-        if os.path.isfile(os.path.join(run_dir, TRIAL_FILE)):
+    for name in storage.list_dir(root):
+        run_dir = storage.join(root, name)
+        if storage.is_file(storage.join(run_dir, TRIAL_FILE)):
             data = read_trial_file(run_dir)
             trials.append(Trial(data["trial_id"], data["params"], data["error"], read_run(run_dir), data["exploits"]))
     return trials
@@ -287,7 +287,12 @@ def write_sweep_results(sweep_dir: str) -> list[Trial]:
     sweep = read_sweep_file(sweep_dir)
     metric, mode = sweep["metric"], sweep["mode"]
     trials = read_trials(sweep_dir)
-    write_sweep_csv(trials, os.path.join(sweep_dir, CSV_FILE), metric, mode)
-    write_summary_md(trials, os.path.join(sweep_dir, SUMMARY_MD), metric, mode, os.path.basename(sweep_dir.rstrip("/")))
-    write_sweep_hparams(trials, os.path.join(sweep_dir, TENSORBOARD_DIR), metric, mode)
+    local = storage.working_dir(sweep_dir, "sweeps")  # written here, then uploaded when the sweep is in storage
+    name = storage.parent_and_name(sweep_dir)[1]
+    write_sweep_csv(trials, os.path.join(local, CSV_FILE), metric, mode)
+    write_summary_md(trials, os.path.join(local, SUMMARY_MD), metric, mode, name)
+    write_sweep_hparams(trials, os.path.join(local, TENSORBOARD_DIR), metric, mode)
+    if storage.is_uri(sweep_dir):
+        for result in (CSV_FILE, SUMMARY_MD, TENSORBOARD_DIR):
+            storage.upload(os.path.join(local, result), storage.join(sweep_dir, result))
     return trials
