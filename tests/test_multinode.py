@@ -173,12 +173,13 @@ def test_losing_a_node_restarts_from_the_s3_checkpoint_and_reproduces_the_run_bi
 
 
 def test_a_sweep_in_s3_runs_resumes_and_reports(cluster, bucket, data_root, tmp_path):
-    # Two seeds of a one-epoch smoke run; each trial's driver and worker land wherever Tune places them.
+    # Two seeds of a one-epoch smoke run, one at a time (the node-loss test left two 1-CPU nodes); each
+    # trial's driver and worker land wherever Tune places them.
     sweep_dir = f"s3://{bucket}/sweeps/seeds"
     space = tmp_path / "space.yaml"
     space.write_text("run.seed: {grid: [0, 1]}\n")
     spec = sweep_spec("smoke", str(space), overrides=["train.epochs=1", f"data.root={data_root}"])
-    trials = run_sweep(spec, sweep_dir, max_concurrent=2)
+    trials = run_sweep(spec, sweep_dir, max_concurrent=1)
     assert sorted(t.status for t in trials) == ["completed", "completed"]
     keys = list_keys(bucket, "sweeps/seeds/")
     for name in ("sweep.yaml", "sweep.csv", "summary.md"):
@@ -188,6 +189,6 @@ def test_a_sweep_in_s3_runs_resumes_and_reports(cluster, bucket, data_root, tmp_
         for name in ("trial.json", "config.yaml", "metrics.jsonl", "summary.json", "epoch_00000/state.pt"):
             assert f"sweeps/seeds/trials/{trial.trial_id}/{name}" in keys, name
     # Resuming a finished sweep from the bucket restores Tune's state there and runs nothing again.
-    resumed = run_sweep(spec, sweep_dir, max_concurrent=2, resume=True)
+    resumed = run_sweep(spec, sweep_dir, max_concurrent=1, resume=True)
     assert [(t.trial_id, t.run.epochs) for t in resumed] == [(t.trial_id, t.run.epochs) for t in trials]
     assert cli(["report", sweep_dir, "--out", str(tmp_path / "report")]) == 0
