@@ -13,13 +13,14 @@ directory is the location itself and both copies are no-ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import posixpath
 import shutil
 import tempfile
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from sparsedist.atomic import write_atomic
@@ -225,3 +226,14 @@ def local_copy(location: str, exclude: Callable[[str], bool] = lambda relative: 
     if not download(location, directory, exclude):
         raise StorageError(f"nothing at {location}")
     return directory
+
+
+@contextlib.contextmanager
+def local_view(location: str, exclude: Callable[[str], bool] = lambda relative: False) -> Iterator[str]:
+    """`local_copy` for the duration of a block: a temporary copy is deleted at its end."""
+    directory = local_copy(location, exclude)
+    try:
+        yield directory
+    finally:
+        if directory != location:
+            shutil.rmtree(directory, ignore_errors=True)

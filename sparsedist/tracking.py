@@ -14,6 +14,7 @@ import tempfile
 import time
 from typing import Any
 
+from sparsedist import storage
 from sparsedist.config import Config
 from sparsedist.logging import Sink, flatten_hparams, tensorboard_scalars
 
@@ -85,7 +86,7 @@ def tracking_sinks(cfg: Config) -> list[Sink]:
 def log_outputs(cfg: Config, status: str = "FINISHED") -> None:
     """Log a run directory's outputs to its MLflow run (config.yaml; summary.json and the report figures once
     it completed) and end the MLflow run with `status` (FINISHED, KILLED for a stopped trial, FAILED)."""
-    from sparsedist.report.page import ReportError, write_report
+    from sparsedist.report.page import ReportError, without_checkpoints, write_report
     from sparsedist.rundir import CONFIG_FILE, SUMMARY_FILE
 
     if cfg.tracking.backend != "mlflow":
@@ -94,16 +95,18 @@ def log_outputs(cfg: Config, status: str = "FINISHED") -> None:
     run = _find_run(client, cfg)
     if run is None:  # the run failed before rank 0 started it
         return
-    run_dir, run_id = cfg.run.run_dir, run.info.run_id
-    for name in (CONFIG_FILE, SUMMARY_FILE):
-        if os.path.isfile(os.path.join(run_dir, name)):
-            client.log_artifact(run_id, os.path.join(run_dir, name))
-    if os.path.isfile(os.path.join(run_dir, SUMMARY_FILE)):
-        with tempfile.TemporaryDirectory(prefix="sparsedist-figures-") as figures:
-            try:
-                write_report([run_dir], figures)
-            except ReportError:  # completed without an evaluated epoch: nothing to draw
-                pass
-            else:
-                client.log_artifacts(run_id, figures, artifact_path="figures")
+    run_id = run.info.run_id
+    # A run directory in object storage is read from a temporary local copy (without its checkpoints).
+    with storage.local_view(cfg.run.run_dir, exclude=without_checkpoints) as run_dir:
+        for name in (CONFIG_FILE, SUMMARY_FILE):
+            if os.path.isfile(os.path.join(run_dir, name)):
+                client.log_artifact(run_id, os.path.join(run_dir, name))
+        if os.path.isfile(os.path.join(run_dir, SUMMARY_FILE)):
+            with tempfile.TemporaryDirectory(prefix="sparsedist-figures-") as figures:
+                try:
+                    write_report([run_dir], figures)
+                except ReportError:  # completed without an evaluated epoch: nothing to draw
+                    pass
+                else:
+                    client.log_artifacts(run_id, figures, artifact_path="figures")
     client.set_terminated(run_id, status=status)

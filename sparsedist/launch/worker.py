@@ -124,7 +124,8 @@ def run_replica(cfg: Config) -> None:
     if resume_state is None and cfg.run.init_from is not None:
         # A new run continuing another run's state under this config (PBT's exploit): loaded on the CPU,
         # the loop moves it onto the model's device.
-        resume_state = load_checkpoint(storage.local_copy(cfg.run.init_from))
+        with storage.local_view(cfg.run.init_from) as start:
+            resume_state = load_checkpoint(start)
     last_done_epoch = -1 if resume_state is None else resume_state["epoch"]
     loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=last_done_epoch + 1)
 

@@ -7,6 +7,7 @@ across seeds) and, for the per-run figures, each group's first completed trial.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -124,10 +125,11 @@ def without_checkpoints(relative: str) -> bool:
 
 def report_from_args(args: argparse.Namespace) -> int:
     try:
-        paths = [storage.local_copy(path, exclude=without_checkpoints) for path in args.paths]
-        # A run read from storage is a temporary copy: its report goes to ./report unless --out says where.
-        default_out = "report" if storage.is_uri(args.paths[0]) else os.path.join(paths[0], "report")
-        page = write_report(paths, args.out or default_out, args.bench_json)
+        with contextlib.ExitStack() as stack:
+            paths = [stack.enter_context(storage.local_view(path, exclude=without_checkpoints)) for path in args.paths]
+            # A run read from storage is a temporary copy: its report goes to ./report unless --out says where.
+            default_out = "report" if storage.is_uri(args.paths[0]) else os.path.join(paths[0], "report")
+            page = write_report(paths, args.out or default_out, args.bench_json)
     except (ReportError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
