@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import glob
 import os
 import shutil
@@ -33,12 +34,19 @@ def write_atomic(path: str | os.PathLike, content: bytes) -> None:
     fsync_path(os.path.dirname(os.path.abspath(path)))
 
 
+@functools.cache
+def _renameat2():
+    """libc's renameat2, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+
+
 def _exchange(first: str, second: str) -> bool:
     """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
+    renameat2 = _renameat2()
+    if renameat2 is None:
         return False
     at_cwd = -100
     if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), _RENAME_EXCHANGE) == 0:

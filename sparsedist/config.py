@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from sparsedist import storage
+
 DATASETS = ("synthetic", "cifar10", "cifar100", "fashion-mnist")
 STRATEGIES = ("dense", "fixed", "cyclic", "adaptive")
 PRESETS_PACKAGE = "sparsedist.configs"
@@ -42,7 +44,7 @@ def raise_field_errors(title: str, problems: list[tuple[str, str, Any]]) -> None
 def _absolute(path: str | None) -> str | None:
     # Ray Train changes each worker's working directory, so paths are made absolute on load; storage
     # URIs (s3://, gs://, ...) are kept as given.
-    if path is None or "://" in path:
+    if path is None or storage.is_uri(path):
         return path
     return os.path.abspath(os.path.expanduser(path))
 
@@ -401,9 +403,7 @@ def _read_yaml(text: str, origin: str) -> dict[str, Any]:
 def load_source(source: str) -> dict[str, Any]:
     """A YAML file path, a storage URI of one (a run's config.yaml on s3://...) or a preset name, as a plain
     dict (not validated)."""
-    if "://" in source:
-        from sparsedist import storage
-
+    if storage.is_uri(source):
         try:
             return _read_yaml(storage.read_bytes(source).decode("utf-8"), source)
         except FileNotFoundError:

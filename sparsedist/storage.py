@@ -85,10 +85,7 @@ def is_file(location: str) -> bool:
 def is_nonempty_dir(location: str) -> bool:
     import pyarrow.fs
 
-    filesystem, path = resolve(location)
-    if _info(location).type != pyarrow.fs.FileType.Directory:
-        return False
-    return bool(filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+    return _info(location).type == pyarrow.fs.FileType.Directory and bool(list_dir(location))
 
 
 def list_dir(location: str) -> list[str]:
@@ -125,8 +122,11 @@ def write_bytes(location: str, content: bytes) -> None:
         write_atomic(location, content)
         return
     filesystem, path = resolve(location)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(content)
+    try:
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(content)
+    except OSError as error:
+        raise StorageError(f"cannot write {location}: {error}") from None
 
 
 def delete_file(location: str) -> None:

@@ -34,10 +34,11 @@ def _experiment_id(client, name: str) -> str:
     return experiment.experiment_id if experiment is not None else client.create_experiment(name)
 
 
-def _find_run(client, cfg: Config):
+def _find_run(client, cfg: Config, experiment_id: str | None = None):
     """The MLflow run of cfg's run directory, or None."""
-    runs = client.search_runs([_experiment_id(client, cfg.tracking.experiment)],
-                              filter_string=f"tags.`{RUN_DIR_TAG}` = '{cfg.run.run_dir}'", max_results=1)
+    experiment_id = experiment_id or _experiment_id(client, cfg.tracking.experiment)
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{cfg.run.run_dir}'",
+                              max_results=1)
     return runs[0] if runs else None
 
 
@@ -45,12 +46,12 @@ def _start_run(client, cfg: Config) -> str:
     """The id of cfg's MLflow run, created with the config as params on first use, marked running."""
     from mlflow.entities import Param
 
-    run = _find_run(client, cfg)
+    experiment_id = _experiment_id(client, cfg.tracking.experiment)
+    run = _find_run(client, cfg, experiment_id)
     if run is not None:
         client.update_run(run.info.run_id, status="RUNNING")  # a resumed run directory continues its MLflow run
         return run.info.run_id
-    run = client.create_run(_experiment_id(client, cfg.tracking.experiment), run_name=cfg.run.name,
-                            tags={RUN_DIR_TAG: cfg.run.run_dir})
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags={RUN_DIR_TAG: cfg.run.run_dir})
     params = [Param(key, str(value)) for key, value in flatten_hparams(cfg.to_dict()).items()]
     for start in range(0, len(params), BATCH_LIMIT):
         client.log_batch(run.info.run_id, params=params[start:start + BATCH_LIMIT])
@@ -58,21 +59,31 @@ def _start_run(client, cfg: Config) -> str:
 
 
 class MlflowSink:
-    """Rank 0's records as MLflow metrics, under their TensorBoard tags at the record's step."""
+    """Rank 0's records as MLflow metrics, under their TensorBoard tags at the record's step.
+
+    Step records are buffered and sent with their epoch's record (and on close): a network call per logged
+    step would stall rank 0, and every replica waiting for it, inside the training step.
+    """
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
+        self._pending: list = []
 
     def write(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        metrics = [Metric(tag, value, timestamp, record["step"]) for tag, value in tensorboard_scalars(record).items()]
-        for start in range(0, len(metrics), BATCH_LIMIT):
-            self.client.log_batch(self.run_id, metrics=metrics[start:start + BATCH_LIMIT])
+        self._pending += [Metric(tag, value, timestamp, record["step"]) for tag, value in tensorboard_scalars(record).items()]
+        if record["kind"] == "epoch":
+            self._send()
+
+    def _send(self) -> None:
+        for start in range(0, len(self._pending), BATCH_LIMIT):
+            self.client.log_batch(self.run_id, metrics=self._pending[start:start + BATCH_LIMIT])
+        self._pending = []
 
     def close(self) -> None:
-        pass  # the launch ends the MLflow run once the run's outputs exist (`log_outputs`)
+        self._send()  # the launch ends the MLflow run once the run's outputs exist (`log_outputs`)
 
 
 def tracking_sinks(cfg: Config) -> list[Sink]:

@@ -9,12 +9,10 @@ leaves nothing behind.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 from typing import Any, Sequence
 
@@ -27,6 +25,7 @@ from sparsedist.data.registry import get_spec
 from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, PROGRAM_FILE, WEIGHTS_FILE,
                                         ArtifactError, check_keep_ratio)
 from sparsedist.logging import regime_key
+from sparsedist.provenance import package_version, source_commit
 from sparsedist.report.evaluate import CheckpointEvaluation, add_evaluation_options, device_from_args, evaluate_checkpoint
 from sparsedist.train.checkpoint import CheckpointError
 
@@ -41,23 +40,9 @@ class ExportError(Exception):
     """The export cannot be written (e.g. the output directory exists)."""
 
 
-def code_commit() -> dict[str, Any] | None:
-    """The git commit of the sparsedist source that exported, and whether it had uncommitted changes."""
-    source = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None  # an installed copy, or no git
-    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("sparsedist", "safetensors"):
-        found[package] = importlib.metadata.version(package)
-    return found
+def versions() -> dict[str, str | None]:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{package: package_version(package) for package in ("sparsedist", "safetensors")}}
 
 
 def regimes(evaluation: CheckpointEvaluation) -> list[dict[str, Any]]:
@@ -93,7 +78,7 @@ def artifact_config(evaluation: CheckpointEvaluation, with_program: bool) -> dic
         "regimes": regimes(evaluation),
         "files": {"weights": WEIGHTS_FILE, "program": PROGRAM_FILE if with_program else None},
         "provenance": {"checkpoint": evaluation.checkpoint, "epoch": evaluation.epoch, "dataset": cfg.data.dataset,
-                       "config": cfg.to_dict(), "code": code_commit(), "versions": versions()},
+                       "config": cfg.to_dict(), "code": source_commit(), "versions": versions()},
     }
 
 

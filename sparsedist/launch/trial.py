@@ -101,13 +101,13 @@ def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: st
                 handoff = json.load(handle)
         if handoff is not None and handoff["trial_id"] != trial_id:
             cfg = continue_donor(cfg, handoff_dir, handoff, sampled, exploits)
-        elif is_run_dir(run_dir) and (run := read_run(run_dir)).completed:
+        elif (exists := is_run_dir(run_dir)) and (run := read_run(run_dir)).completed:
             # Interrupted after its last epoch but before Tune recorded the end: hand Tune the final result again.
             tune.report(flatten_epoch(run.epochs[-1]))
             return
         else:
             # A restored trial finds its run directory and Ray Train resumes from its last registered checkpoint.
-            cfg = prepare_run_dir(cfg, resume=is_run_dir(run_dir))
+            cfg = prepare_run_dir(cfg, resume=exists)
             write_trial_file(run_dir, trial_id, sampled, exploits=exploits)
     handoff_every = spec["perturbation_interval"] if spec["scheduler"] == "pbt" else None
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})

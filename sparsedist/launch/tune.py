@@ -180,9 +180,9 @@ def record_trial_errors(sweep_dir: str, results) -> None:
             record_trial_error(run_dir, str(result.error).strip().splitlines()[-1])
 
 
-def write_completed_summaries(sweep_dir: str) -> None:
+def write_completed_summaries(trials: list[Trial]) -> None:
     """summary.json (the train layout's completion mark) for every trial that ran all its epochs."""
-    for trial in read_trials(sweep_dir):
+    for trial in trials:
         path = storage.join(trial.run.run_dir, SUMMARY_FILE)
         if trial.run.completed and not storage.is_file(path):
             write_json_atomic(path, {**trial.run.summary, "run_dir": trial.run.run_dir})
@@ -345,10 +345,11 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
             )
         results = tuner.fit()
     record_trial_errors(sweep_dir, results)
-    write_completed_summaries(sweep_dir)
-    for trial in read_trials(sweep_dir):
+    trials = read_trials(sweep_dir)  # once: each read is every trial's config and history
+    write_completed_summaries(trials)
+    for trial in trials:
         log_outputs(trial.run.config, status=TRACKING_STATUS[trial.status])
-    return write_sweep_results(sweep_dir)
+    return write_sweep_results(sweep_dir, trials)
 
 
 # ------------------------------------------------------------------------------------ command

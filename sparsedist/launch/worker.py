@@ -155,20 +155,19 @@ def run_replica(cfg: Config) -> None:
             if rank == 0:
                 seconds_per_epoch = (time.monotonic() - attempt_start) / (end.epoch - first_epoch + 1)
                 log.info(epoch_line(end.record, cfg.train.epochs, seconds_per_epoch))
-                if should_checkpoint(cfg, end.epoch) or end.is_best:
-                    state = end.state()
-                    if end.is_best:
-                        save_checkpoint(state, mirror.path(BEST_DIR))
-                    if should_checkpoint(cfg, end.epoch):
-                        # The run directory is complete up to every checkpoint Ray registers.
-                        tensorboard.flush()
-                        published = mirror.publish()
-                        if published:
-                            log.info(f"  epoch {end.epoch + 1}: {published:,} bytes of run files published to {run_dir}")
-                        # Ray copies it into the run directory under the same, epoch-derived name: a
-                        # restarted attempt that redoes this epoch re-registers the same directory.
-                        checkpoint = ray.train.Checkpoint.from_directory(
-                            save_checkpoint(state, os.path.join(staging, name)))
+                # Ray copies the epoch checkpoint into the run directory under the same, epoch-derived name: a
+                # restarted attempt that redoes this epoch re-registers the same directory.
+                targets = ([os.path.join(staging, name)] if should_checkpoint(cfg, end.epoch) else []) + (
+                    [mirror.path(BEST_DIR)] if end.is_best else [])
+                if targets:
+                    save_checkpoint(end.state(), *targets)
+                if should_checkpoint(cfg, end.epoch):
+                    # The run directory is complete up to every checkpoint Ray registers.
+                    tensorboard.flush()
+                    published = mirror.publish()
+                    if published:
+                        log.info(f"  epoch {end.epoch + 1}: {published:,} bytes of run files published to {run_dir}")
+                    checkpoint = ray.train.Checkpoint.from_directory(os.path.join(staging, name))
             ray.train.report(flatten_epoch(end.record), checkpoint=checkpoint,
                              checkpoint_dir_name=name if checkpoint is not None else None)
 

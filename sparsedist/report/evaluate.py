@@ -42,9 +42,13 @@ class CheckpointEvaluation:
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one.
-    A storage URI is first copied to this machine (without the run's metrics and TensorBoard events)."""
-    path = os.path.abspath(storage.local_copy(path, exclude=lambda relative: relative.split("/")[0] in (
-        METRICS_FILE, TENSORBOARD_DIR)))
+    A storage URI is first copied to this machine: only what is read (not the run's metrics and
+    TensorBoard events, nor its epoch checkpoints when it has a best/ one)."""
+    if storage.is_uri(path):
+        has_best = storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE))
+        path = storage.local_copy(path, exclude=lambda relative: relative.split("/")[0] in (METRICS_FILE, TENSORBOARD_DIR)
+                                  or (has_best and relative.startswith("epoch_")))
+    path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, MARKER_FILE)):
         return path
     best = os.path.join(path, BEST_DIR)

@@ -282,11 +282,12 @@ def write_sweep_hparams(trials: list[Trial], log_dir: str, metric: str, mode: st
             writer.add_hparams({**flatten_hparams(trial.params), "status": trial.status}, results, run_name=".")
 
 
-def write_sweep_results(sweep_dir: str) -> list[Trial]:
-    """sweep.csv, summary.md and the HParams view of a sweep directory, from its trials' run directories."""
+def write_sweep_results(sweep_dir: str, trials: list[Trial] | None = None) -> list[Trial]:
+    """sweep.csv, summary.md and the HParams view of a sweep directory, from its trials' run directories
+    (`trials`, when the caller has just read them)."""
     sweep = read_sweep_file(sweep_dir)
     metric, mode = sweep["metric"], sweep["mode"]
-    trials = read_trials(sweep_dir)
+    trials = read_trials(sweep_dir) if trials is None else trials
     local = storage.working_dir(sweep_dir, "sweeps")  # written here, then uploaded when the sweep is in storage
     name = storage.parent_and_name(sweep_dir)[1]
     write_sweep_csv(trials, os.path.join(local, CSV_FILE), metric, mode)

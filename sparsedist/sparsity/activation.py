@@ -146,6 +146,7 @@ class ActivationSparsity:
             raise RuntimeError("sites must all be created before the first forward")
         self._site_names.append(name)
         self._site_step_bits.append(None)
+        self._counts = None  # sized by the number of sites: made anew by the next `to` or forward
         return SparsitySite(self, len(self._site_names) - 1, name)
 
     def to(self, device: torch.device | str) -> ActivationSparsity:
@@ -164,7 +165,8 @@ class ActivationSparsity:
         return self
 
     def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        self.to(x.device)
+        if self._counts is None or self._counts.device != x.device:  # cheap: every site, every forward
+            self.to(x.device)
         use_kernel = (x.is_cuda if self.use_kernels is None else self.use_kernels) and kernels.supports(x, self.scope)
         on_device = use_kernel or torch.compiler.is_compiling()  # rho and tau read from their tensors
         histogram = None

@@ -35,25 +35,30 @@ def _write_synced(path: str, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def save_checkpoint(state: dict[str, Any], directory: str) -> str:
-    """Write `state` (plain data and tensors only) to `directory` atomically; replaces an existing one."""
-    directory = os.path.abspath(directory)
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    remove_stale_siblings(directory)
+def save_checkpoint(state: dict[str, Any], directory: str, *copies: str) -> str:
+    """Write `state` (plain data and tensors only) to `directory`, and to each of `copies`, atomically;
+    replaces an existing one. The state is serialized and hashed once however many copies it gets."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
+    marker = json.dumps({"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}).encode()
+    for target in (directory, *copies):
+        _write_checkpoint(payload, marker, os.path.abspath(target))
+    return os.path.abspath(directory)
+
+
+def _write_checkpoint(payload: bytes, marker: bytes, directory: str) -> None:
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    remove_stale_siblings(directory)
     staging = staging_sibling(directory)
     try:
         _write_synced(os.path.join(staging, STATE_FILE), payload)
-        marker = {"size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-        _write_synced(os.path.join(staging, MARKER_FILE), json.dumps(marker).encode())
+        _write_synced(os.path.join(staging, MARKER_FILE), marker)
         fsync_path(staging)
         replace_directory(staging, directory)  # a rerun of the same epoch re-saves under the same name
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return directory
 
 
 def _read_verified(directory: str) -> bytes:
