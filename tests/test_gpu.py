@@ -1,10 +1,12 @@
 """On a CUDA device (`make gpu-check` runs these with `pytest -m gpu`): the kernels against the eager
 reference on the real WRN-28-4 site shapes, bf16 autocast and channels_last training with and without
-kernels, a compiled model through a keep-ratio schedule, resume and the determinism of tau."""
+kernels, a compiled model through a keep-ratio schedule, training steps that never wait for the device,
+resume and the determinism of tau."""
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import pytest
 import torch
@@ -116,6 +118,25 @@ def test_the_sparsity_part_of_a_cuda_step_never_waits_for_the_device(scope):
     bf16_training_record(scope, use_kernels=True)  # compiles the kernels outside the checked steps
     record, sparsity = bf16_training_record(scope, use_kernels=True, steps_context=raising_on_device_syncs)
     assert record[-1][2][0] < 0.15 and (scope == "layer" or record[-1][3] > 0)
+
+
+def test_training_steps_on_cuda_never_wait_for_the_device():
+    def synchronizations(steps: int) -> int:
+        cfg = tiny_config("sparsity.scope=network", "train.epochs=1", "train.batch_size=32", "train.log_every_steps=1",
+                          f"train.max_steps_per_epoch={steps}", "controller.interval=2", "eval.keep_ratios=[1.0]",
+                          "train.precision=bf16", "train.channels_last=true")
+        train(cfg, loaders_for(cfg, device=CUDA), device=CUDA)  # kernels compiled, first-use checks done
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")  # a warning per synchronizing call (event waits are not)
+            try:
+                train(cfg, loaders_for(cfg, device=CUDA), device=CUDA)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(warning.message) for warning in caught)
+
+    # The epoch's end (evaluation, records) synchronizes a fixed number of times; steps add none.
+    assert synchronizations(7) == synchronizations(3)
 
 
 def test_resume_on_cuda_continues_the_identical_trajectory(tmp_path):

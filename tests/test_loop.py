@@ -3,10 +3,11 @@ import math
 import pytest
 import torch
 
+from sparsedist.controllers import build_controller
 from sparsedist.launch.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl, regime_key
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
-from sparsedist.train.loop import NonFiniteLossError, lr_factor, train
+from sparsedist.train.loop import NonFiniteLossError, build_optimizer, lr_factor, train
 from tests.distributed import run_gloo
 from tests.helpers import loaders_for, tiny_config
 
@@ -111,6 +112,74 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(tmp_path
     last_good = load_checkpoint(str(checkpoints / "epoch_00000"))
     assert last_good["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last_good["model"].values())
+
+
+def test_a_step_skipped_on_the_device_changes_no_weight_and_a_later_first_step_is_exact():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    skipping, fresh = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    fresh.load_state_dict(skipping.state_dict())
+    skipping_optimizer, fresh_optimizer = build_optimizer(cfg, skipping), build_optimizer(cfg, fresh)
+    before = {name: value.clone() for name, value in skipping.state_dict().items()}
+    skipping(torch.full((2, 4), math.nan)).sum().backward()
+    skipping_optimizer.found_inf.fill_(1.0)
+    skipping_optimizer.step()
+    assert all(torch.equal(before[name], value) for name, value in skipping.state_dict().items())
+    skipping_optimizer.found_inf.fill_(0.0)
+    inputs = torch.randn(2, 4)
+    for model, optimizer in ((skipping, skipping_optimizer), (fresh, fresh_optimizer)):
+        optimizer.zero_grad()
+        model(inputs).square().sum().backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(skipping.parameters(), fresh.parameters()))
+    momentum = [skipping_optimizer.state[p]["momentum_buffer"] for p in skipping.parameters()]
+    assert all(torch.equal(buffer, p.grad + cfg.optim.weight_decay * before_p)
+               for buffer, p, before_p in zip(momentum, skipping.parameters(), before.values()))
+
+
+class SinkWatchingLoader:
+    """Wraps a train loader; notes how many step records were written when each batch is fetched."""
+
+    def __init__(self, inner, records):
+        self.inner, self.records, self.written_at_fetch = inner, records, []
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.written_at_fetch.append(sum(r["kind"] == "step" for r in self.records))
+            yield batch
+
+
+def test_steps_are_read_a_step_late_except_before_a_decision_and_decide_exactly_as_read_at_once():
+    cfg = tiny_config("train.epochs=2", "train.batch_size=32", "controller.interval=3", "controller.warmup_epochs=0.25",
+                      "controller.tighten_pct=0.3", "controller.drop_tol=0.02", "sparsity.scope=network")
+    loaders, records = loaders_for(cfg), ListSink()
+    loaders.train = SinkWatchingLoader(PoisonedLoader(loaders.train, poisoned_steps={5, 9}), records)
+    result = train(cfg, loaders, device=CPU, sinks=[records])
+    steps = [r for r in records if r["kind"] == "step"]  # log_every_steps=1: every step, skipped ones too
+
+    # Replay: the controller fed the logged accuracies in order, at once, makes the loop's decisions.
+    replay = build_controller(cfg.controller, len(loaders.train))
+    trained = [r for r in steps if not r["skipped"]]
+    for record, following in zip(trained, trained[1:]):
+        assert replay.step(record["accuracy"]).keep_ratio == following["keep_ratio"]
+    assert {"tighten", "warmup", "hold"} <= {r["event"] for r in steps}
+    assert [t["keep_ratio"] for t in result.trajectory] == [r["keep_ratio"] for r in trained]
+
+    # When batch i+1 is fetched, steps before i have been read; step i too exactly when the controller
+    # may change rho after it (the last warm-up batch, each third trained batch after), never otherwise.
+    replay, fetches_per_epoch = build_controller(cfg.controller, len(loaders.train)), len(loaders.train)
+    for index, record in enumerate(steps):
+        may_change = not record["skipped"] and replay.next_step_may_change_keep_ratio
+        if not record["skipped"]:
+            replay.step(record["accuracy"])
+        if (index + 1) % fetches_per_epoch:  # not the epoch's last batch
+            assert loaders.train.written_at_fetch[index + 1] == index + (1 if may_change else 0)
 
 
 def _train_on_rank(rank, world_size, overrides):

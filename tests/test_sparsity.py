@@ -188,6 +188,17 @@ def test_network_first_step_is_dense_and_later_steps_follow_the_previous_statist
     assert stats.realized_keep == pytest.approx(0.2, rel=0.1)
 
 
+def test_a_skipped_network_step_leaves_tau_as_it_was():
+    sparsity = ActivationSparsity("network", keep_ratio=0.2)
+    model = tiny_model(sparsity)
+    train_step(model, images(8, seed=0))
+    sparsity.finish_step(skipped=torch.tensor(True))
+    assert sparsity.threshold == 0.0
+    train_step(model, images(8, seed=0))
+    sparsity.finish_step(skipped=torch.tensor(False))
+    assert sparsity.threshold > 0
+
+
 def test_zero_below_keeps_exactly_the_values_at_or_above_tau_and_routes_gradients_to_them():
     x = torch.tensor([0.0, 0.5, 0.9999999, 1.0, 1.0000001, 3.0], requires_grad=True)
     y = zero_below(x, 1.0)

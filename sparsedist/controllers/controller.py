@@ -43,6 +43,16 @@ class Controller:
     def keep_ratio(self) -> float:
         return 1.0 if self.in_warmup else self.strategy.keep_ratio
 
+    @property
+    def next_step_may_change_keep_ratio(self) -> bool:
+        """Whether the next `step` can return another rho: the last warm-up batch or a decision batch.
+
+        The loop reads every other batch's accuracy later, without holding up the device: feeding the
+        same accuracies in the same order, late, makes the same decisions."""
+        if self.in_warmup:
+            return self.steps + 1 == self.warmup_steps
+        return self.strategy.next_observation_decides
+
     def step(self, global_accuracy: float) -> Decision:
         if not 0.0 <= global_accuracy <= 1.0:  # also rejects NaN, which would poison the EMA for good
             raise ValueError(f"global_accuracy must be in [0, 1], got {global_accuracy!r}")

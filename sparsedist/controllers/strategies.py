@@ -1,7 +1,8 @@
 """The keep-ratio strategies: how rho moves with the observed global batch accuracy.
 
 Each strategy is a small pure object with a `keep_ratio` (the rho for the next batch), `observe(accuracy)`
-(called once per post-warm-up batch, returns the event of that step) and an exact `state_dict` round trip.
+(called once per post-warm-up batch, returns the event of that step), `next_observation_decides` (whether
+the next `observe` may change rho) and an exact `state_dict` round trip.
 Warm-up is not their business: `Controller` holds it back until warm-up ends.
 """
 
@@ -26,6 +27,7 @@ MAX_RELAX_MULTIPLIER = 5.0
 
 class Strategy(Protocol):
     keep_ratio: float
+    next_observation_decides: bool
 
     def observe(self, accuracy: float) -> str: ...
     def state_dict(self) -> dict[str, float | int]: ...
@@ -34,6 +36,8 @@ class Strategy(Protocol):
 
 class ConstantStrategy:
     """dense (rho = 1) and fixed (rho = keep_ratio): rho never moves, every step is a "hold"."""
+
+    next_observation_decides = False
 
     def __init__(self, keep_ratio: float):
         self.keep_ratio = keep_ratio
@@ -57,6 +61,10 @@ class CyclicStrategy:
         self.interval = interval
         self.keep_ratio = cfg.keep_init
         self.observed = 0
+
+    @property
+    def next_observation_decides(self) -> bool:
+        return (self.observed + 1) % self.interval == 0
 
     def observe(self, accuracy: float) -> str:
         self.observed += 1
@@ -102,6 +110,10 @@ class AdaptiveStrategy:
         self.ema = 0.0  # meaningful once observed > 0
         self.best_ema = 0.0
         self.cooldown_left = 0
+
+    @property
+    def next_observation_decides(self) -> bool:
+        return (self.observed + 1) % self.interval == 0
 
     def observe(self, accuracy: float) -> str:
         if self.observed == 0:

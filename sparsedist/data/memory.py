@@ -19,7 +19,8 @@ class TensorTrainLoader:
                  seed: int, device: torch.device, max_steps: int | None = None):
         if batch_size % world_size:
             raise ValueError(f"global batch {batch_size} is not divisible by world size {world_size}")
-        self.images, self.labels = images, labels
+        # On the device once: batches are then cut there, with no per-step copy that waits for the host.
+        self.images, self.labels = images.to(device), labels.to(device)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.device = seed, device
         self.steps = len(images) // batch_size if max_steps is None else min(max_steps, len(images) // batch_size)
@@ -33,11 +34,12 @@ class TensorTrainLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = order.to(self.device)
         local = self.batch_size // self.world_size
         for step in range(self.steps):
             start = step * self.batch_size + self.rank * local
             index = order[start:start + local]
-            yield self.images[index].to(self.device), self.labels[index].to(self.device)
+            yield self.images[index], self.labels[index]
 
 
 def tensor_eval_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, rank: int, world_size: int,

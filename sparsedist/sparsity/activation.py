@@ -18,7 +18,6 @@ reads tau on the host, where that costs nothing.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -46,36 +45,41 @@ SCOPES = ("layer", "network")
 
 
 class StepStats:
-    """One training step's all-reduced statistics. They stay on the device until a field is read (a
-    logging point), which copies them to the host once; `kept_fraction` stays a device tensor."""
+    """One training step's all-reduced statistics: `numbers` (float64, on the device) holds the kept
+    count of every site, then the value count of every site, then the tau the step ran with. They are
+    read when a field is (a logging point), or from a host copy the loop made of `numbers` (`read_from`)."""
 
     def __init__(self, kept: torch.Tensor, values: torch.Tensor, threshold: torch.Tensor, site_names: list[str]):
-        self._counts = torch.cat([kept, values, threshold.to(torch.float64).view(1)])  # one copy when read
+        self.numbers = torch.cat([kept.double(), values.double(), threshold.to(torch.float64).view(1)])
         self._site_names = site_names
-        self.kept_fraction = kept.sum().double() / values.sum().double()  # realized_keep, on the device
+        self._host: tuple[list[int], list[int], float] | None = None
 
-    @functools.cached_property
-    def _host(self) -> tuple[list[int], list[int], float]:
+    def read_from(self, numbers: list[float]) -> None:
+        """Take the fields from a host copy of `numbers` instead of reading the device."""
         sites = len(self._site_names)
-        counts = self._counts.tolist()
-        return [int(k) for k in counts[:sites]], [int(v) for v in counts[sites:2 * sites]], counts[-1]
+        self._host = [int(k) for k in numbers[:sites]], [int(v) for v in numbers[sites:2 * sites]], numbers[-1]
+
+    def _fields(self) -> tuple[list[int], list[int], float]:
+        if self._host is None:
+            self.read_from(self.numbers.tolist())
+        return self._host
 
     @property
     def realized_keep(self) -> float:
         """Fraction of all site values of the global batch that were nonzero after the constraint."""
-        kept, values, _ = self._host
+        kept, values, _ = self._fields()
         return sum(kept) / sum(values)
 
     @property
     def site_density(self) -> dict[str, float]:
         """The same fraction per site (sites that ran)."""
-        kept, values, _ = self._host
+        kept, values, _ = self._fields()
         return {name: k / v for name, k, v in zip(self._site_names, kept, values) if v}
 
     @property
     def threshold(self) -> float:
         """The tau this step ran with (network scope; always 0.0 in layer scope)."""
-        return self._host[2]
+        return self._fields()[2]
 
 
 @dataclass(frozen=True)
@@ -265,15 +269,20 @@ class ActivationSparsity:
         target = (values.double() * keep_ratio).floor().clamp(min=1).to(torch.int64)
         return threshold_for_count(histogram, origin, target, step_bits)
 
-    def finish_step(self, process_group: dist.ProcessGroup | None = None) -> StepStats:
+    def finish_step(self, process_group: dist.ProcessGroup | None = None,
+                    skipped: torch.Tensor | None = None) -> StepStats:
         """All-reduce this step's statistics, return them, and (network scope) choose the next tau.
 
-        All on the device: nothing here waits for it (the statistics are read when logged)."""
+        `skipped` (a bool on the device, the same on every replica) marks a step whose update was
+        dropped: tau then stays as it is. All on the device: nothing here waits for it."""
         threshold_used = self._threshold_tensor.clone()
         histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
         if self.scope == "network":
             self._last_histogram = (histogram, origin, values.sum(), step_bits)
-            self._set(self._keep_ratio, self._next_threshold(self._keep_ratio))
+            threshold = torch.as_tensor(self._next_threshold(self._keep_ratio), device=threshold_used.device)
+            if skipped is not None:
+                threshold = torch.where(skipped, threshold_used, threshold)
+            self._set(self._keep_ratio, threshold)
         return StepStats(kept, values, threshold_used, self._site_names)
 
     def discard_step(self) -> None:

@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -26,8 +26,9 @@ from sparsedist.controllers import build_controller
 from sparsedist.data.base import Batch, Loaders
 from sparsedist.logging import Sink, regime_key
 from sparsedist.models import build_model
-from sparsedist.sparsity import ActivationSparsity
+from sparsedist.sparsity import ActivationSparsity, StepStats
 from sparsedist.train.distributed import all_reduce_sum, world
+from sparsedist.train.host_copy import HostCopies
 
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,34 @@ class TrainResult:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class _PendingStep:
+    """A step queued on the device whose numbers the host has not read yet."""
+    epoch: int
+    keep_ratio: float  # the rho it ran with
+    lr: float  # the lr after it (as logged)
+    stats: StepStats
+    slot: int  # its numbers in the loop's HostCopies
+
+
+@dataclass
+class _EpochTally:
+    """Sums over an epoch's trained (not skipped) steps."""
+    loss: float = 0.0
+    correct: float = 0.0
+    examples: float = 0.0
+    realized_keep: float = 0.0
+    nonfinite_steps: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+
+    def add(self, loss_sum: float, correct: float, count: float, event: str, realized_keep: float) -> None:
+        self.loss += loss_sum
+        self.correct += correct
+        self.examples += count
+        self.realized_keep += realized_keep
+        self.events[event] += 1
+
+
 def scaled_lr(cfg: Config) -> float:
     return cfg.optim.lr * (cfg.train.batch_size / 128 if cfg.optim.scale_lr else 1.0)
 
@@ -80,6 +109,20 @@ def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
     else:
         decay = lambda t: 1.0
     return lambda t: (t + 1) / warmup if t < warmup else decay(t - warmup)
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
+    """Fused SGD, which can skip a step on the device: the loop sets `found_inf` (a float32 flag) as
+    torch.amp.GradScaler does, and a set flag leaves parameters and momentum untouched."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg), momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay, fused=True)
+    optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=next(model.parameters()).device)
+    if cfg.optim.momentum:
+        # The fused step decides on the host whether the momentum buffers are new, so a skipped first
+        # step would leave them unset; zeros from the start give the first step's buf = g exactly.
+        for parameter in model.parameters():
+            optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
+    return optimizer
 
 
 def autocast_for(cfg: Config, device: torch.device):
@@ -176,8 +219,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     trained = DistributedDataParallel(model) if world_size > 1 else model
     if cfg.train.compile:
         trained = torch.compile(trained)  # training forwards only; evaluation runs `model` eagerly
-    optimizer = torch.optim.SGD(model.parameters(), lr=scaled_lr(cfg), momentum=cfg.optim.momentum,
-                                nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay)
+    optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss()
 
@@ -185,6 +227,8 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
+        for group in optimizer.param_groups:  # checkpoints of earlier versions saved a foreach SGD
+            group.update(fused=True, foreach=None)
         scheduler.load_state_dict(resume_state["scheduler"])
         controller.load_state_dict(resume_state["controller"])
         sparsity.load_state_dict(resume_state["sparsity"])
@@ -200,14 +244,55 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
 
     result = TrainResult(model=model, sparsity=sparsity, final_record=None, best_record=None)
     consecutive_nonfinite = 0
+    # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
+    # non-finite flag, then the sparsity statistics (see `_PendingStep`).
+    host_copies = HostCopies(4 + 2 * len(sparsity.site_names) + 1, device)
+
+    def read_step(pending: _PendingStep, tally: _EpochTally) -> None:
+        """The host's part of a step, once its numbers are read: the skip, the controller, the records."""
+        nonlocal step, consecutive_nonfinite
+        loss_sum, correct, count, nonfinite, *statistics = host_copies.receive(pending.slot)
+        pending.stats.read_from(statistics)
+        if nonfinite:
+            tally.nonfinite_steps += 1
+            consecutive_nonfinite += 1
+            record = {"kind": "step", "epoch": pending.epoch, "step": step, "skipped": True, "loss": None,
+                      "event": "nonfinite", "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold}
+            for sink in sinks:
+                sink.write(record)
+            if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{consecutive_nonfinite} consecutive steps had a NaN/Inf loss (train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps}); stopping at epoch {pending.epoch}, step {step}. The last good "
+                    "checkpoint is intact; lower optim.lr or check the data."
+                )
+            return
+        consecutive_nonfinite = 0
+        step += 1
+        accuracy = correct / count
+        decision = controller.step(accuracy)
+        sparsity.set_keep_ratio(decision.keep_ratio)
+        tally.add(loss_sum, correct, count, decision.event, pending.stats.realized_keep)
+        result.trajectory.append({"step": step, "keep_ratio": pending.keep_ratio, "event": decision.event,
+                                  "threshold": pending.stats.threshold})
+        if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup"):
+            record = {
+                "kind": "step", "epoch": pending.epoch, "step": step, "skipped": False, "loss": loss_sum / count,
+                "accuracy": accuracy, "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold,
+                "realized_keep": pending.stats.realized_keep, "event": decision.event, "lr": pending.lr,
+                "density": pending.stats.site_density,
+            }
+            for sink in sinks:
+                sink.write(record)
+
     for epoch in range(start_epoch, cfg.train.epochs):
         # ---- train one epoch
         loaders.train.set_epoch(epoch)
         model.train()
         sparsity.collecting = True
-        loss_total, correct_total, example_total = 0.0, 0.0, 0.0
-        events: Counter[str] = Counter()
-        nonfinite_steps, realized_sum, epoch_start = 0, 0.0, time.perf_counter()
+        tally = _EpochTally()
+        epoch_start = time.perf_counter()
+        queued: deque[_PendingStep] = deque()
         for images, labels in loaders.train:
             keep_used = sparsity.keep_ratio
             with autocast_for(cfg, device):
@@ -215,63 +300,36 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
                 loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
-            # step is then dropped on every rank alike (the decision uses all-reduced numbers).
-            # A finite loss can still give non-finite gradients, so both are checked.
+            # step is then dropped on every rank alike (the flag is all-reduced). A finite loss can
+            # still give non-finite gradients, so both are checked.
             loss.backward()
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            batch = torch.stack([
+            batch = all_reduce_sum(torch.stack([
                 loss.detach().double() * labels.numel(),
                 (logits.detach().argmax(dim=1) == labels).sum().double(),
                 torch.full((), labels.numel(), dtype=torch.float64, device=device),  # a fill: no host copy
                 (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).double(),
-            ])
-            # The step's one read off the device: the skip decision and the controller need these
-            # numbers; tau in force (identical on every replica) rides along.
-            read = torch.cat([all_reduce_sum(batch), sparsity.threshold_tensor.double().view(1)])
-            loss_sum, correct, count, nonfinite, threshold_used = read.tolist()
-            if nonfinite:
-                nonfinite_steps += 1
-                consecutive_nonfinite += 1
-                sparsity.discard_step()
-                record = {"kind": "step", "epoch": epoch, "step": step, "skipped": True, "loss": None,
-                          "event": "nonfinite", "keep_ratio": keep_used, "threshold": threshold_used}
-                for sink in sinks:
-                    sink.write(record)
-                if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{consecutive_nonfinite} consecutive steps had a NaN/Inf loss (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); stopping at epoch {epoch}, step {step}. The last good "
-                        "checkpoint is intact; lower optim.lr or check the data."
-                    )
-                continue
-            consecutive_nonfinite = 0
+            ]))
+            skipped = batch[3] > 0
+            # The skip is decided on the device: the fused SGD step reads `found_inf` and leaves the
+            # parameters and momentum untouched when it is set (torch.amp.GradScaler's mechanism;
+            # as with it, the lr schedule advances on a skipped batch too).
+            optimizer.found_inf.copy_(skipped)
             if cfg.optim.clip_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
             optimizer.step()
             scheduler.step()
-            step += 1
-            stats = sparsity.finish_step()
-            accuracy = correct / count
-            decision = controller.step(accuracy)
-            sparsity.set_keep_ratio(decision.keep_ratio)
-            events[decision.event] += 1
-            loss_total += loss_sum
-            correct_total += correct
-            example_total += count
-            realized_sum += stats.kept_fraction  # summed on the device, read at the epoch's end
-            result.trajectory.append({"step": step, "keep_ratio": keep_used, "event": decision.event,
-                                      "threshold": threshold_used})
-            if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup"):
-                record = {
-                    "kind": "step", "epoch": epoch, "step": step, "skipped": False, "loss": loss_sum / count,
-                    "accuracy": accuracy, "keep_ratio": keep_used, "threshold": threshold_used,
-                    "realized_keep": stats.realized_keep, "event": decision.event,
-                    "lr": optimizer.param_groups[0]["lr"], "density": stats.site_density,
-                }
-                for sink in sinks:
-                    sink.write(record)
+            stats = sparsity.finish_step(skipped=skipped)
+            queued.append(_PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
+                                       host_copies.send(torch.cat([batch, stats.numbers]))))
+            # Read the steps before this one (the device has moved on to this one), and this one too
+            # when the controller may change rho after it: the next batch must run at the decided rho.
+            # Every other step is read one step late, and the device never waits for the host.
+            while len(queued) > 1 or (queued and controller.next_step_may_change_keep_ratio):
+                read_step(queued.popleft(), tally)
+        while queued:
+            read_step(queued.popleft(), tally)
         train_time = time.perf_counter() - epoch_start
-        trained_steps = max(1, steps_per_epoch - nonfinite_steps)
 
         # ---- evaluate the per-regime grid
         last_epoch = epoch == cfg.train.epochs - 1
@@ -283,7 +341,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         if is_best:
             best_val = val_accuracy
 
-        train_accuracy = correct_total / max(example_total, 1)
+        train_accuracy = tally.correct / max(tally.examples, 1)
         stalled = at_chance(train_accuracy, loaders.spec.num_classes, epoch)
         if stalled and rank == 0:
             log.warning("not learning: epoch %d training accuracy %.3f is at chance (1/%d); the controller's "
@@ -291,13 +349,13 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
                         epoch + 1, train_accuracy, loaders.spec.num_classes)
         record = {
             "kind": "epoch", "epoch": epoch, "step": step,
-            "train_loss": loss_total / max(example_total, 1),
+            "train_loss": tally.loss / max(tally.examples, 1),
             "train_accuracy": train_accuracy, "at_chance": stalled,
             "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
-            "realized_keep": float(realized_sum) / trained_steps, "events": dict(events),
+            "realized_keep": tally.realized_keep / max(1, sum(tally.events.values())), "events": dict(tally.events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
-            "images_per_sec": example_total / train_time if train_time > 0 else 0.0,
-            "nonfinite_steps": nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
+            "images_per_sec": tally.examples / train_time if train_time > 0 else 0.0,
+            "nonfinite_steps": tally.nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
             "eval": accuracies, "calibration": calibration,
         }
         for sink in sinks:
