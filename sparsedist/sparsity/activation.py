@@ -201,8 +201,10 @@ class ActivationSparsity:
     def _record(self, index: int, x: torch.Tensor, y: torch.Tensor, histogram: torch.Tensor | None) -> None:
         counts, sites = self._counts, len(self._site_names)
         if histogram is None:
-            # bool().sum() counts what count_nonzero counts (NaN included), 10x faster on CPU
-            counts[self._histogram_bins + index] += y.bool().sum()
+            # bool().sum() counts what count_nonzero counts (NaN included), 10x faster on CPU, and
+            # there 2.5x faster again summed in int32 (exact below 2**31 values)
+            exact_in_int32 = y.is_cpu and y.numel() < 2**31
+            counts[self._histogram_bins + index] += y.bool().sum(dtype=torch.int32 if exact_in_int32 else None)
         else:
             # Kept values are exactly those in the bins at or above tau's origin.
             counts[:HISTOGRAM_BINS] += histogram
