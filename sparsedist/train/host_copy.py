@@ -26,8 +26,8 @@ class HostCopies:
         slot = self._next
         self._next = (slot + 1) % len(self._buffers)
         self._buffers[slot].copy_(values, non_blocking=self._asynchronous)
-        if self._asynchronous:
-            self._events[slot].record()
+        if self._asynchronous:  # on the stream the copy was queued on: that of the values' device
+            self._events[slot].record(torch.cuda.current_stream(values.device))
         return slot
 
     def receive(self, slot: int) -> list[float]:
