@@ -124,6 +124,7 @@ def test_training_steps_on_cuda_never_wait_for_the_device():
     def synchronizations(steps: int) -> int:
         cfg = tiny_config("sparsity.scope=network", "train.epochs=1", "train.batch_size=32", "train.log_every_steps=1",
                           f"train.max_steps_per_epoch={steps}", "controller.interval=2", "eval.keep_ratios=[1.0]",
+                          "controller.warmup_epochs=0.5",  # dense steps too (tau 0.0), as many as half the steps
                           "train.precision=bf16", "train.channels_last=true")
         train(cfg, loaders_for(cfg, device=CUDA), device=CUDA)  # kernels compiled, first-use checks done
         with warnings.catch_warnings(record=True) as caught:

@@ -79,3 +79,12 @@ def test_cpu_masked_output_and_gradient_are_bitwise_those_of_where(dtype, channe
     assert torch.equal(ours.detach().view(bits), reference.detach().view(bits))  # NaN and signed zeros too
     assert ours.stride() == reference.stride()
     assert torch.equal(ours_in.grad.view(bits), reference_in.grad.view(bits))
+
+
+def test_cpu_masked_output_is_twice_differentiable_as_where_is():
+    x = torch.relu(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    second_orders = []
+    for select in (top_k_per_sample, lambda x, rho: keep_where(x, top_k_mask(x, int(rho * x[0].numel())))):
+        (grad,) = torch.autograd.grad(select(x, 0.25).pow(3).sum(), x, create_graph=True)
+        second_orders.append(torch.autograd.grad(grad.sum(), x)[0])
+    assert torch.equal(*second_orders) and second_orders[0].count_nonzero() == 2 * 12

@@ -227,7 +227,7 @@ class ActivationSparsity:
 
     @property
     def threshold_tensor(self) -> torch.Tensor:
-        """tau in force as a float32 scalar on the device (read it with the step's other numbers)."""
+        """tau in force as a float32 scalar on the device."""
         return self._threshold_tensor
 
     @property
@@ -281,7 +281,9 @@ class ActivationSparsity:
         histogram, origin, kept, values, step_bits = self._reduce_pending(process_group)
         if self.scope == "network":
             self._last_histogram = (histogram, origin, values.sum(), step_bits)
-            threshold = torch.as_tensor(self._next_threshold(self._keep_ratio), device=threshold_used.device)
+            # At rho 1 this is the float 0.0: where() and fill_ take it as it is (a tensor made from it
+            # would be a host-to-device copy, which waits for the device).
+            threshold = self._next_threshold(self._keep_ratio)
             if skipped is not None:
                 threshold = torch.where(skipped, threshold_used, threshold)
             self._set(self._keep_ratio, threshold)

@@ -100,15 +100,11 @@ class _KeepWhereBits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(kept)
-        return _times_mask(x, kept)
+        return (x.view(key_dtype(x.dtype)) * kept).view(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _times_mask(grad, ctx.saved_tensors[0]), None
-
-
-def _times_mask(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    return (x.view(key_dtype(x.dtype)) * kept).view(x.dtype)
+        return _KeepWhereBits.apply(grad, ctx.saved_tensors[0]), None  # itself: twice differentiable, as where()
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -21,9 +21,14 @@ class HostCopies:
         self._arrays = [buffer.numpy() for buffer in self._buffers]
         self._events = [torch.cuda.Event() if self._asynchronous else None for _ in range(slots)]
         self._next = 0
+        self._unreceived: set[int] = set()
 
     def send(self, values: torch.Tensor) -> int:
         slot = self._next
+        if slot in self._unreceived:
+            raise RuntimeError(f"host copy slot {slot} reused before it was received: receive each copy within "
+                               f"{len(self._buffers)} sends")
+        self._unreceived.add(slot)
         self._next = (slot + 1) % len(self._buffers)
         self._buffers[slot].copy_(values, non_blocking=self._asynchronous)
         if self._asynchronous:  # on the stream the copy was queued on: that of the values' device
@@ -31,6 +36,7 @@ class HostCopies:
         return slot
 
     def receive(self, slot: int) -> list[float]:
+        self._unreceived.discard(slot)
         if self._asynchronous:
             self._events[slot].synchronize()
         return self._arrays[slot].tolist()

@@ -84,6 +84,10 @@ class _EpochTally:
     nonfinite_steps: int = 0
     events: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def trained_steps(self) -> int:
+        return sum(self.events.values())  # one event per trained step
+
     def add(self, loss_sum: float, correct: float, count: float, event: str, realized_keep: float) -> None:
         self.loss += loss_sum
         self.correct += correct
@@ -245,7 +249,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     result = TrainResult(model=model, sparsity=sparsity, final_record=None, best_record=None)
     consecutive_nonfinite = 0
     # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
-    # non-finite flag, then the sparsity statistics (see `_PendingStep`).
+    # non-finite flag, then `StepStats.numbers` (kept and value counts per site, tau).
     host_copies = HostCopies(4 + 2 * len(sparsity.site_names) + 1, device)
 
     def read_step(pending: _PendingStep, tally: _EpochTally) -> None:
@@ -270,7 +274,11 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         consecutive_nonfinite = 0
         step += 1
         accuracy = correct / count
+        may_change = controller.next_step_may_change_keep_ratio
         decision = controller.step(accuracy)
+        if decision.keep_ratio != sparsity.keep_ratio and not may_change:  # this step may have been read late
+            raise RuntimeError(f"the controller changed rho at step {step} after saying it would not: "
+                               "a strategy's next_observation_decides is wrong")
         sparsity.set_keep_ratio(decision.keep_ratio)
         tally.add(loss_sum, correct, count, decision.event, pending.stats.realized_keep)
         result.trajectory.append({"step": step, "keep_ratio": pending.keep_ratio, "event": decision.event,
@@ -352,7 +360,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             "train_loss": tally.loss / max(tally.examples, 1),
             "train_accuracy": train_accuracy, "at_chance": stalled,
             "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
-            "realized_keep": tally.realized_keep / max(1, sum(tally.events.values())), "events": dict(tally.events),
+            "realized_keep": tally.realized_keep / max(1, tally.trained_steps), "events": dict(tally.events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
             "images_per_sec": tally.examples / train_time if train_time > 0 else 0.0,
             "nonfinite_steps": tally.nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
