@@ -16,6 +16,7 @@ import torch
 import sparsedist
 from sparsedist.models import WideResNet
 from sparsedist.sparsity import ActivationSparsity
+from sparsedist.train.host_copy import HostCopies
 from sparsedist.train.loop import train
 from tests.helpers import loaders_for, tiny_config
 
@@ -94,3 +95,13 @@ def test_a_training_step_reads_nothing_off_the_device(controller):
 
     # The epoch's end (record, evaluation) reads a fixed number of times; steps add none.
     assert loop_reads(7) == loop_reads(3)
+
+
+def test_host_copies_refuse_a_slot_reused_before_it_was_received():
+    copies = HostCopies(2, torch.device("cpu"))
+    first = copies.send(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    copies.send(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="reused before it was received"):
+        copies.send(torch.tensor([5.0, 6.0], dtype=torch.float64))
+    assert copies.receive(first) == [1.0, 2.0]
+    assert copies.receive(copies.send(torch.tensor([5.0, 6.0], dtype=torch.float64))) == [5.0, 6.0]
