@@ -25,6 +25,11 @@ EVENTS = (WARMUP, HOLD, TIGHTEN, RELAX, RESET, COOLDOWN)
 MAX_RELAX_MULTIPLIER = 5.0
 
 
+def _is_decision(observation: int, interval: int) -> bool:
+    """Interval strategies decide on their interval-th, 2*interval-th, ... observation (counted from 1)."""
+    return observation % interval == 0
+
+
 class Strategy(Protocol):
     keep_ratio: float
     next_observation_decides: bool
@@ -64,11 +69,11 @@ class CyclicStrategy:
 
     @property
     def next_observation_decides(self) -> bool:
-        return (self.observed + 1) % self.interval == 0
+        return _is_decision(self.observed + 1, self.interval)
 
     def observe(self, accuracy: float) -> str:
         self.observed += 1
-        if self.observed % self.interval:
+        if not _is_decision(self.observed, self.interval):
             return HOLD
         compressed = self.keep_ratio * (1 - self.cfg.rate)
         if compressed < self.cfg.floor:
@@ -113,7 +118,7 @@ class AdaptiveStrategy:
 
     @property
     def next_observation_decides(self) -> bool:
-        return (self.observed + 1) % self.interval == 0
+        return _is_decision(self.observed + 1, self.interval)
 
     def observe(self, accuracy: float) -> str:
         if self.observed == 0:
@@ -122,7 +127,7 @@ class AdaptiveStrategy:
             self.ema = self.cfg.ema_beta * self.ema + (1 - self.cfg.ema_beta) * accuracy
             self.best_ema = max(self.best_ema, self.ema)
         self.observed += 1
-        if self.observed % self.interval:
+        if not _is_decision(self.observed, self.interval):
             return HOLD
         return self._decide()
 

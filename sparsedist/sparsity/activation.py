@@ -175,7 +175,9 @@ class ActivationSparsity:
         on_device = use_kernel or torch.compiler.is_compiling()  # rho and tau read from their tensors
         histogram = None
         if self.scope == "layer":
-            if on_device:
+            if not torch.compiler.is_compiling() and self._keep_ratio >= 1.0:  # in this order: no guard on rho
+                y = x  # dense: nothing to select (a compiled graph reads rho from its tensor instead)
+            elif on_device:
                 y = keep_where(x, ops.top_k_mask(x, self._keep_ratio_tensor, use_kernel))
             else:
                 y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
@@ -247,8 +249,9 @@ class ActivationSparsity:
         """The one place rho and tau change: rho on the host and the device, tau on the device."""
         if self.scope == "network" and self._recorded:
             raise RuntimeError("tau changed while step statistics were pending: call finish_step() or discard_step() first")
-        self._keep_ratio = keep_ratio
-        self._keep_ratio_tensor.fill_(keep_ratio)  # fills and device copies: no host round trip
+        if keep_ratio != self._keep_ratio:  # fills and device copies: no host round trip
+            self._keep_ratio = keep_ratio
+            self._keep_ratio_tensor.fill_(keep_ratio)
         if isinstance(threshold, torch.Tensor):
             self._threshold_tensor.copy_(threshold)
         else:

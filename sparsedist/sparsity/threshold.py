@@ -87,10 +87,10 @@ def threshold_for_count(histogram: torch.Tensor, origin: int | torch.Tensor, tar
     origin = torch.as_tensor(origin, dtype=torch.int64, device=device)
     target = torch.as_tensor(target, dtype=torch.int64, device=device)
     # Reorder from storage (r mod 2**16) to ascending offsets r = -2**15 ... 2**15 - 1 (ordered index r + 2**15).
-    ordered = torch.cat([histogram[KEPT_BINS:], histogram[:KEPT_BINS]]).to(torch.int64)
-    first = torch.bitwise_right_shift(-origin, BIN_SHIFT) + 1 + KEPT_BINS  # lowest bin of strictly positive values
-    offsets = torch.arange(HISTOGRAM_BINS, device=device)
-    positive = torch.where(offsets >= first, ordered, 0)
+    ordered = histogram.roll(KEPT_BINS)
+    # The bin holding bit pattern 0 is the lowest occupied one (values are non-negative): drop it.
+    zero_bin = torch.bitwise_right_shift(-origin, BIN_SHIFT) + KEPT_BINS
+    positive = ordered.index_fill(0, zero_bin.view(1), 0)
     at_or_above = positive.flip(0).cumsum(0).flip(0)  # values in this bin or higher
     index = ((at_or_above >= target).sum() - 1).clamp(min=0).view(1)  # the last bin reaching target
     in_bin = positive.index_select(0, index).clamp(min=1)
@@ -104,7 +104,7 @@ def threshold_for_count(histogram: torch.Tensor, origin: int | torch.Tensor, tar
 
 
 @functools.lru_cache(maxsize=64)
-def largest_below(threshold: float, dtype: torch.dtype) -> float:
+def _largest_below(threshold: float, dtype: torch.dtype) -> float:
     """The largest value of `dtype` strictly below `threshold`, so that x > it <=> x >= threshold."""
     below = torch.tensor(threshold, dtype=torch.float64).to(dtype)
     if below.item() >= threshold:
@@ -120,4 +120,4 @@ def zero_below(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """
     if threshold <= 0.0:
         return x
-    return F.threshold(x, largest_below(threshold, x.dtype), 0.0)
+    return F.threshold(x, _largest_below(threshold, x.dtype), 0.0)
