@@ -42,11 +42,7 @@ def raise_field_errors(title: str, problems: list[tuple[str, str, Any]]) -> None
 
 
 def _absolute(path: str | None) -> str | None:
-    # Ray Train changes each worker's working directory, so paths are made absolute on load; storage
-    # URIs (s3://, gs://, ...) are kept as given.
-    if path is None or storage.is_uri(path):
-        return path
-    return os.path.abspath(os.path.expanduser(path))
+    return None if path is None else storage.absolute(path)
 
 
 # --------------------------------------------------------------------------------------- data

@@ -32,7 +32,7 @@ import yaml
 
 from sparsedist import storage
 from sparsedist.config import Config, apply_overrides, validate
-from sparsedist.train.checkpoint import MARKER_FILE, CheckpointError, load_checkpoint
+from sparsedist.train.checkpoint import MARKER_FILE, CheckpointError, read_verified
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -151,7 +151,8 @@ class RunMirror:
     """Rank 0's node-local copy of the files it writes (metrics, TensorBoard, best/, attempts), published
     to the run directory with `publish`. For a local run directory the mirror is the directory itself."""
 
-    PUBLISHED = (CONFIG_FILE, METRICS_FILE, TENSORBOARD_DIR, BEST_DIR, ATTEMPTS_FILE)
+    # config.yaml is not among them: the driver writes it to the run directory itself.
+    PUBLISHED = (METRICS_FILE, TENSORBOARD_DIR, BEST_DIR, ATTEMPTS_FILE)
 
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
@@ -175,10 +176,11 @@ class RunMirror:
             storage.download(storage.join(self.run_dir, name), self.path(name))
         if os.path.isdir(self.path(BEST_DIR)):
             try:
-                load_checkpoint(self.path(BEST_DIR))
+                read_verified(self.path(BEST_DIR))
             except CheckpointError:
                 shutil.rmtree(self.path(BEST_DIR))
                 storage.delete_dir(storage.join(self.run_dir, BEST_DIR))
+        self._published = {relative: self._stamp(relative) for relative in self._files()}  # all there already
 
     def _files(self) -> list[str]:
         """The mirror's published files as relative paths, each checkpoint marker after its state file."""
@@ -199,11 +201,8 @@ class RunMirror:
         """
         if not storage.is_uri(self.run_dir):
             return 0
-        changed = []
-        for relative in self._files():
-            status = os.stat(self.path(relative))
-            if self._published.get(relative) != (status.st_size, status.st_mtime_ns):
-                changed.append((relative, (status.st_size, status.st_mtime_ns)))
+        changed = [(relative, self._stamp(relative)) for relative in self._files()]
+        changed = [(relative, stamp) for relative, stamp in changed if self._published.get(relative) != stamp]
         for relative, _ in changed:
             if os.path.basename(relative) == MARKER_FILE:
                 storage.delete_file(self.location(relative))
@@ -212,6 +211,10 @@ class RunMirror:
             copied += storage.upload(self.path(relative), self.location(relative))
             self._published[relative] = stamp
         return copied
+
+    def _stamp(self, relative: str) -> tuple[int, int]:
+        status = os.stat(self.path(relative))
+        return status.st_size, status.st_mtime_ns
 
     def location(self, relative: str) -> str:
         return storage.join(self.run_dir, *relative.split(os.sep))

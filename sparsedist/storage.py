@@ -37,6 +37,20 @@ def is_uri(location: str) -> bool:
     return "://" in location
 
 
+def absolute(location: str) -> str:
+    """A URI as given, a path made absolute with ~ expanded: the form every process reads alike (Ray
+    Train changes each worker's working directory)."""
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def driver_local_on_cluster(location: str | None) -> bool:
+    """Whether `location`, unset or relative while attached to a cluster (RAY_ADDRESS), would resolve on
+    the driver's node only, in a job's temporary working directory."""
+    if not os.environ.get("RAY_ADDRESS"):
+        return False
+    return location is None or not (is_uri(location) or os.path.isabs(os.path.expanduser(location)))
+
+
 def join(location: str, *parts: str) -> str:
     """`location`/part/...: path joining that keeps a URI's scheme and query options."""
     if not is_uri(location):
@@ -55,17 +69,36 @@ def parent_and_name(location: str) -> tuple[str, str]:
     return urlunsplit((scheme, netloc, posixpath.dirname(path), query, fragment)), posixpath.basename(path)
 
 
-@functools.lru_cache(maxsize=32)
 def resolve(location: str):
-    """(pyarrow filesystem, path inside it) for a location; StorageError when pyarrow cannot resolve it."""
+    """(pyarrow filesystem, path inside it) for a location; StorageError when pyarrow cannot resolve it.
+
+    One filesystem per bucket and options, made once: each is a client that costs milliseconds to build."""
     import pyarrow.fs
 
     if not is_uri(location):
         return pyarrow.fs.LocalFileSystem(), os.path.abspath(location)
+    scheme, netloc, path, query, _ = urlsplit(location)
     try:
-        return pyarrow.fs.FileSystem.from_uri(location)
+        if not netloc:  # file:///path and the like: no bucket to share a client for
+            return pyarrow.fs.FileSystem.from_uri(location)
+        filesystem, root = _bucket_filesystem(urlunsplit((scheme, netloc, "", query, "")))
     except (ValueError, OSError) as error:  # ArrowInvalid is a ValueError
         raise StorageError(f"cannot open storage location {location}: {error}") from None
+    inside = path.removeprefix("/").rstrip("/")
+    return filesystem, f"{root}/{inside}" if inside else root
+
+
+@functools.lru_cache(maxsize=16)
+def _bucket_filesystem(bucket_uri: str):
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(bucket_uri)
+
+
+def ray_storage(location: str):
+    """(storage_path, storage_filesystem) for Ray Train/Tune: a URI's filesystem, None for a local path."""
+    filesystem, path = resolve(location)
+    return path, filesystem if is_uri(location) else None
 
 
 def _info(location: str):
@@ -200,8 +233,11 @@ def working_dir(location: str, purpose: str) -> str:
 
 
 def check_usable(location: str) -> None:
-    """Fail with one clear StorageError, before any worker starts, when `location` cannot be written:
-    an unreachable endpoint, a missing bucket, refused credentials. Writes and deletes a probe object."""
+    """Fail with one clear StorageError, before any worker starts, when the URI `location` cannot be
+    written: an unreachable endpoint, a missing bucket, refused credentials. Writes and deletes a probe
+    object. A local directory passes: it is made when first written."""
+    if not is_uri(location):
+        return
     probe = join(location, f".sparsedist-probe-{os.getpid()}")
     filesystem, path = resolve(probe)
     try:

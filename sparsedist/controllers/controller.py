@@ -6,7 +6,6 @@ replica computes the identical rho for the next batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from sparsedist.config import (

@@ -87,6 +87,8 @@ def prepare(data_cfg, log: Callable[[str], None] = print) -> PreparedPaths:
         directory.mkdir(parents=True, exist_ok=True)
         with _exclusive_lock(directory / ".lock", log):
             problem = find_problem(directory, expected)  # the process we waited for may have built it
+            if problem is None and unpublished:  # ... and published it
+                unpublished = not storage.is_file(storage.join(remote, MANIFEST))
             if problem is not None and not (remote is not None and _fetch(remote, directory, expected, log)):
                 if remote is not None:
                     storage.check_usable(data_cfg.root)  # a bad bucket fails before the build, not after

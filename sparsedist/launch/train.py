@@ -54,7 +54,7 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     parent, name = storage.parent_and_name(cfg.run.run_dir)
-    filesystem, storage_path = storage.resolve(parent)
+    storage_path, filesystem = storage.ray_storage(parent)
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
@@ -63,7 +63,7 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            storage_filesystem=filesystem if storage.is_uri(parent) else None,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=list(callbacks),
@@ -113,9 +113,7 @@ def write_json_atomic(location: str, data: dict[str, Any]) -> None:
 def refuse_relative_on_cluster(run_dir: str | None) -> None:
     """A run directory given relative (or not at all) would resolve on whichever node runs the driver, in
     a job's temporary working directory: on a cluster (RAY_ADDRESS) that is refused before anything starts."""
-    if not os.environ.get("RAY_ADDRESS"):
-        return
-    if run_dir is None or not (storage.is_uri(run_dir) or os.path.isabs(os.path.expanduser(run_dir))):
+    if storage.driver_local_on_cluster(run_dir):
         raise RunDirError(
             f"run.run_dir={run_dir!r} is {'unset' if run_dir is None else 'relative'} while attached to a cluster "
             "(RAY_ADDRESS): it would resolve on the driver's node, in the job's temporary working directory. "
@@ -134,8 +132,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     """
     started = time.monotonic()
     # Refuse before starting anything.
-    if storage.is_uri(cfg.run.resolved_run_dir()):
-        storage.check_usable(cfg.run.resolved_run_dir())
+    storage.check_usable(cfg.run.resolved_run_dir())
     check_run_dir(cfg, resume=resume, overwrite=overwrite)
     stream = stream or sys.stdout
     progress = ProgressLine(cfg.train.epochs, stream,
@@ -198,8 +195,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     source = args.config
     if source is None and args.resume and args.run_dir:
-        run_dir = args.run_dir if storage.is_uri(args.run_dir) else os.path.abspath(args.run_dir)
-        source = storage.join(run_dir, CONFIG_FILE)
+        source = storage.join(storage.absolute(args.run_dir), CONFIG_FILE)
     data = apply_overrides(load_source(source) if source else {}, args.set)
     if args.run_dir:
         data = apply_overrides(data, {"run.run_dir": args.run_dir})

@@ -238,7 +238,7 @@ def trial_concurrency(requested: int | None, scaling: ScalingConfig, resources: 
 def refuse_relative_sweep_dir_on_cluster(sweep_dir: str) -> None:
     """A relative sweep directory on a cluster would resolve in the job's temporary directory on the
     driver's node: refused, as for run directories."""
-    if os.environ.get("RAY_ADDRESS") and not (storage.is_uri(sweep_dir) or os.path.isabs(os.path.expanduser(sweep_dir))):
+    if storage.driver_local_on_cluster(sweep_dir):
         raise SweepError(f"--sweep-dir {sweep_dir} is relative (or unset) while attached to a cluster (RAY_ADDRESS): "
                          "give an absolute path on storage every node sees, or a URI such as s3://bucket/sweeps/<name>")
 
@@ -300,14 +300,12 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     """
     space, corner_configs = check_sweep(spec)
     refuse_relative_sweep_dir_on_cluster(sweep_dir)
-    sweep_dir = sweep_dir if storage.is_uri(sweep_dir) else os.path.abspath(sweep_dir)
-    if storage.is_uri(sweep_dir):
-        storage.check_usable(sweep_dir)
+    sweep_dir = storage.absolute(sweep_dir)
+    storage.check_usable(sweep_dir)
     check_sweep_dir(spec, sweep_dir, resume)
     scaling = largest_scaling(corner_configs)
     # Tune's own state lives in the sweep directory too, on whatever filesystem holds it.
-    filesystem, sweep_path = storage.resolve(sweep_dir)
-    filesystem = filesystem if storage.is_uri(sweep_dir) else None
+    sweep_path, filesystem = storage.ray_storage(sweep_dir)
     tune_dir = posixpath.join(sweep_path, TUNE_DIR)
     with ray_session(scaling, resource_wait_s=resource_wait_s):
         import ray  # only now: an embedded cluster's loopback environment must be set before Ray's first import
@@ -397,7 +395,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
     except (SweepError, ClusterError, DataUnavailableError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    sweep_dir = sweep_dir if storage.is_uri(sweep_dir) else os.path.abspath(sweep_dir)
+    sweep_dir = storage.absolute(sweep_dir)
     statuses = [t.status for t in trials]
     print(f"{len(trials)} trials: " + ", ".join(f"{statuses.count(s)} {s}" for s in ("completed", "stopped", "error")))
     print(f"results:     {storage.join(sweep_dir, CSV_FILE)}\n             {storage.join(sweep_dir, SUMMARY_MD)}")

@@ -136,8 +136,7 @@ def run_replica(cfg: Config) -> None:
         with open(mirror.path(ATTEMPTS_FILE), "a", encoding="utf-8") as handle:
             handle.write(json.dumps({"start_epoch": last_done_epoch + 1, "started_at": time.time(), **record},
                                     sort_keys=True) + "\n")
-        if storage.is_uri(run_dir):  # now, not at the next checkpoint: an attempt that dies first still counts
-            storage.upload(mirror.path(ATTEMPTS_FILE), storage.join(run_dir, ATTEMPTS_FILE))
+        mirror.publish()  # now, not at the next checkpoint: an attempt that dies first still counts
         log.info(banner(run_dir, storage.join(run_dir, TENSORBOARD_DIR), record))
         if resume_state is not None:
             log.info(f"  resuming after epoch {last_done_epoch + 1} (step {resume_state['step']})")

@@ -35,7 +35,7 @@ def is_run_dir(path: str) -> bool:
 
 def read_run(run_dir: str) -> RunRecords:
     """Read a run directory, a path or a storage URI (config.yaml and metrics.jsonl, both written by the launch)."""
-    run_dir = run_dir if storage.is_uri(run_dir) else os.path.abspath(run_dir)
+    run_dir = storage.absolute(run_dir)
     config = validate(yaml.safe_load(storage.read_bytes(storage.join(run_dir, CONFIG_FILE))))
     metrics_path = storage.join(run_dir, METRICS_FILE)
     records = read_jsonl(metrics_path) if storage.is_file(metrics_path) else []

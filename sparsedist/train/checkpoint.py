@@ -61,7 +61,7 @@ def _write_checkpoint(payload: bytes, marker: bytes, directory: str) -> None:
         raise
 
 
-def _read_verified(directory: str) -> bytes:
+def read_verified(directory: str) -> bytes:
     """state.pt's bytes after checking them against the marker; CheckpointError otherwise."""
     if not os.path.isfile(os.path.join(directory, MARKER_FILE)):
         raise CheckpointError(f"checkpoint {directory} is incomplete (no {MARKER_FILE} marker); refusing to load it")
@@ -96,13 +96,13 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
     for _ in range(REPLACED_WHILE_READING_RETRIES):
         before = _identity(directory)
         try:
-            payload = _read_verified(directory)
+            payload = read_verified(directory)
             break
         except CheckpointError:
             if before is not None and _identity(directory) == before:
                 raise
     else:
-        payload = _read_verified(directory)
+        payload = read_verified(directory)
     try:
         return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as error:
