@@ -55,8 +55,10 @@ class JsonLinesSink:
 
 
 def read_jsonl(location: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl at a path or a storage URI."""
-    return [json.loads(line) for line in storage.read_bytes(location).decode("utf-8").splitlines() if line.strip()]
+    """The records of a metrics.jsonl at a path or a storage URI. A last line without its newline is a
+    record still being written (the file of a live run): it is left out."""
+    lines = storage.read_bytes(location).decode("utf-8").split("\n")[:-1]  # the part after the last newline
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:

@@ -97,7 +97,7 @@ def tracking_sinks(cfg: Config) -> list[Sink]:
 def log_outputs(cfg: Config, status: str = "FINISHED") -> None:
     """Log a run directory's outputs to its MLflow run (config.yaml; summary.json and the report figures once
     it completed) and end the MLflow run with `status` (FINISHED, KILLED for a stopped trial, FAILED)."""
-    from sparsedist.report.page import ReportError, without_checkpoints, write_report
+    from sparsedist.report.page import ReportError, unread_by_reports, write_report
     from sparsedist.rundir import CONFIG_FILE, SUMMARY_FILE
 
     if cfg.tracking.backend != "mlflow":
@@ -108,7 +108,7 @@ def log_outputs(cfg: Config, status: str = "FINISHED") -> None:
         return
     run_id = run.info.run_id
     # A run directory in object storage is read from a temporary local copy (without its checkpoints).
-    with storage.local_view(cfg.run.run_dir, exclude=without_checkpoints) as run_dir:
+    with storage.local_view(cfg.run.run_dir, exclude=unread_by_reports) as run_dir:
         for name in (CONFIG_FILE, SUMMARY_FILE):
             if os.path.isfile(os.path.join(run_dir, name)):
                 client.log_artifact(run_id, os.path.join(run_dir, name))

@@ -30,7 +30,7 @@ from sparsedist.config import Config, apply_overrides, validate
 from sparsedist.launch.forwarding import ForwardReports, fit_and_forward
 from sparsedist.launch.space import parse_space
 from sparsedist.launch.train import make_trainer, raise_run_error
-from sparsedist.logging import JsonLinesTail, flatten_epoch, read_jsonl
+from sparsedist.logging import flatten_epoch, read_jsonl
 from sparsedist.report.runs import is_run_dir, read_run
 from sparsedist.report.sweep import TRIAL_FILE, TRIALS_DIR, read_trial_file, write_trial_file
 from sparsedist.rundir import METRICS_FILE, prepare_run_dir
@@ -49,11 +49,7 @@ def trial_config(spec: dict[str, Any], sampled: dict[str, Any], trial_id: str, s
 
 def write_handoff(directory: str, trial_id: str, run_dir: str, epoch: int, checkpoint: tune.Checkpoint) -> None:
     checkpoint.to_directory(os.path.join(directory, HANDOFF_STATE_DIR))  # from wherever Ray Train stored it
-    metrics_path = storage.join(run_dir, METRICS_FILE)
-    # A local metrics.jsonl may hold a half-written record of the next epoch (the tail reader skips it); in
-    # object storage the file is whole, published before the checkpoint was registered.
-    records = read_jsonl(metrics_path) if storage.is_uri(run_dir) else JsonLinesTail(metrics_path).read_new()
-    records = [r for r in records if r["epoch"] <= epoch]
+    records = [r for r in read_jsonl(storage.join(run_dir, METRICS_FILE)) if r["epoch"] <= epoch]
     with open(os.path.join(directory, METRICS_FILE), "w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
     with open(os.path.join(directory, HANDOFF_FILE), "w", encoding="utf-8") as handle:

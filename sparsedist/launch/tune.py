@@ -32,11 +32,10 @@ from sparsedist.rundir import SUMMARY_FILE
 from sparsedist.tracking import log_outputs
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import write_json_atomic
-from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR, Trial,
-                                     read_sweep_file, read_trials, record_trial_error, write_sweep_results)
+from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR,
+                                     TUNE_DIR, Trial, read_sweep_file, read_trials, record_trial_error, write_sweep_results)
 
 DEFAULT_METRIC = "eval/val/accuracy/keep_1.00"
-TUNE_DIR = "tune"
 # A trial actor only drives its Train run (the workers hold the scaling resources): it reserves a sliver
 # of a CPU so that the drivers of concurrent trials never starve their own workers.
 DRIVER_CPUS = 0.1

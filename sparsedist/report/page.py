@@ -18,8 +18,8 @@ from sparsedist.report.figures import (MAX_PANELS, Series, plot_accuracy_vs_keep
                                        plot_train_vs_val)
 from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
-from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, group_trials, read_trials
-from sparsedist.rundir import BEST_DIR, RAY_SNAPSHOT_FILE
+from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, TRIAL_FILE, TUNE_DIR, group_trials, read_trials
+from sparsedist.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 REPORT_MD = "report.md"
 FIGURES = {
@@ -117,16 +117,21 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-json", help="a `sparsedist bench inference --json` file: adds accuracy and latency vs rho")
 
 
-def without_checkpoints(relative: str) -> bool:
-    """Checkpoints are not needed for a report: a run or sweep read from storage is copied without them."""
-    return any(part.startswith("epoch_") or part in (BEST_DIR, RAY_SNAPSHOT_FILE)
-               for part in relative.split("/"))
+# What reports (and MLflow's artifact logging) read of a run or sweep directory.
+REPORTED_FILES = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TRIAL_FILE, SWEEP_FILE, SUMMARY_MD)
+
+
+def unread_by_reports(relative: str) -> bool:
+    """A run or sweep read from storage is copied with only the files a report reads: no checkpoints,
+    hand-off states, TensorBoard events, or Tune's own state."""
+    parts = relative.split("/")
+    return parts[0] == TUNE_DIR or parts[-1] not in REPORTED_FILES
 
 
 def report_from_args(args: argparse.Namespace) -> int:
     try:
         with contextlib.ExitStack() as stack:
-            paths = [stack.enter_context(storage.local_view(path, exclude=without_checkpoints)) for path in args.paths]
+            paths = [stack.enter_context(storage.local_view(path, exclude=unread_by_reports)) for path in args.paths]
             # A run read from storage is a temporary copy: its report goes to ./report unless --out says where.
             default_out = "report" if storage.is_uri(args.paths[0]) else os.path.join(paths[0], "report")
             page = write_report(paths, args.out or default_out, args.bench_json)

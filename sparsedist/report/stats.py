@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from scipy import stats as scipy_stats
 
 ACCURACY_BOUNDS = (0.0, 1.0)
 
@@ -41,6 +40,8 @@ def group_stats(values: Sequence[float], confidence: float = 0.95,
     mean = math.fsum(values) / n
     if n < 2:
         return GroupStats(n, mean, math.nan, math.nan, math.nan)
+    from scipy import stats as scipy_stats  # here, not at import: every Tune trial imports the sweep files (0.4 s)
+
     std = float(scipy_stats.tstd(values))
     if std == 0:  # scipy's interval of a zero-width scale is undefined; the mean is the whole interval
         low = high = mean
@@ -53,6 +54,8 @@ def group_stats(values: Sequence[float], confidence: float = 0.95,
 
 def welch_t_test(a: Sequence[float], b: Sequence[float]) -> WelchTest:
     """Two-sided Welch's t-test of mean(a) != mean(b), without assuming equal variances."""
+    from scipy import stats as scipy_stats
+
     if len(a) < 2 or len(b) < 2 or scipy_stats.tvar(a) + scipy_stats.tvar(b) == 0:
         return WelchTest(math.nan, math.nan, math.nan)
     result = scipy_stats.ttest_ind(a, b, equal_var=False)

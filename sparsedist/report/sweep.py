@@ -37,6 +37,7 @@ TRIALS_DIR = "trials"
 TRIAL_FILE = "trial.json"
 CSV_FILE = "sweep.csv"
 SUMMARY_MD = "summary.md"
+TUNE_DIR = "tune"  # Tune's own state (trial snapshots, PBT hand-offs)
 TENSORBOARD_DIR = "tensorboard"
 SEED_PATH = "run.seed"
 
