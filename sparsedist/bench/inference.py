@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import statistics
-import time
 import warnings
 from typing import Callable
 
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsedist.bench import run_benchmark
+from sparsedist.bench import median_latencies, run_benchmark
 from sparsedist.export.load import SparseModel, load_model
 
 # torch warns once per process that sparse CSR support is beta; the path below is measured, not trusted blindly.
@@ -101,19 +99,6 @@ def layer_costs(model: SparseModel, images: torch.Tensor) -> list[dict]:
         for hook in hooks:
             hook.remove()
     return costs
-
-
-def median_latencies(paths: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds of each callable; the callables take turns within every repeat."""
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    with torch.no_grad():
-        for repeat in range(warmup + repeats):
-            for name, run in paths.items():
-                start = time.perf_counter()
-                run()
-                if repeat >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def sample_images(model: SparseModel, count: int) -> torch.Tensor:

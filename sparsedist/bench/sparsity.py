@@ -17,13 +17,14 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sparsedist.bench import run_benchmark
+from sparsedist.bench import median_latencies, run_benchmark
 from sparsedist.models.wrn import WideResNet, identity_site
 from sparsedist.sparsity import ActivationSparsity, ops
 from sparsedist.sparsity.layer import keep_where, kept_per_sample, top_k_per_sample
@@ -228,6 +229,7 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
     count. Inputs are relu(randn) maps; tau keeps about rho of them.
     """
     device = torch.device(device)
+    synchronize = partial(torch.cuda.synchronize, device) if device.type == "cuda" else lambda: None
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     keep_ratio_tensor = torch.tensor(keep_ratio, dtype=torch.float64, device=device)
     counts: dict[tuple[int, int, int], int] = {}
@@ -248,7 +250,8 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
         }
         row = {"shape": list(shape), "sites": sites}
         for scope, functions in variants.items():
-            row[scope] = {f"{name}_ms": _median_ms(function, device, repeats) for name, function in functions.items()}
+            timed = median_latencies(functions, repeats, warmup=1, synchronize=synchronize)
+            row[scope] = {f"{name}_ms": ms for name, ms in timed.items()}
             for key, ms in row[scope].items():
                 total[scope][key] = total[scope].get(key, 0.0) + sites * ms
         per_shape.append(row)
@@ -258,20 +261,6 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
                       "device": str(device), "dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
                       "repeats": repeats},
             "per_shape": per_shape, "total": total}
-
-
-def _median_ms(function: Callable[[], object], device: torch.device, repeats: int) -> float:
-    function()  # warm-up (and the kernels' compilation)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def format_table(result: dict) -> str:

@@ -27,7 +27,7 @@ import yaml
 from sparsedist import storage
 from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
 from sparsedist.data import DataUnavailableError, prepare
-from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
+from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session, required_resources
 from sparsedist.rundir import SUMMARY_FILE
 from sparsedist.tracking import log_outputs
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
@@ -202,11 +202,9 @@ def trial_cpus(scaling: ScalingConfig) -> float:
 
 def trials_that_fit(scaling: ScalingConfig, resources: dict[str, float]) -> int:
     """How many trials of this scaling the cluster's resources run at once (0: not even one)."""
+    need = {**required_resources(scaling), "CPU": trial_cpus(scaling)}
     # The epsilon keeps float quotients such as 3.3 / 1.1 = 2.9999999999999996 from flooring to 2.
-    fits = [math.floor(resources.get("CPU", 0) / trial_cpus(scaling) + 1e-9)]
-    if scaling.use_gpu:
-        fits.append(math.floor(resources.get("GPU", 0) / scaling.num_workers))
-    return min(fits)
+    return min(math.floor(resources.get(kind, 0) / amount + 1e-9) for kind, amount in need.items())
 
 
 def trial_concurrency(requested: int | None, scaling: ScalingConfig, resources: dict[str, float], *,
