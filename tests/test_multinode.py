@@ -191,4 +191,8 @@ def test_a_sweep_in_s3_runs_resumes_and_reports(cluster, bucket, data_root, tmp_
     # Resuming a finished sweep from the bucket restores Tune's state there and runs nothing again.
     resumed = run_sweep(spec, sweep_dir, max_concurrent=1, resume=True)
     assert [(t.trial_id, t.run.epochs) for t in resumed] == [(t.trial_id, t.run.epochs) for t in trials]
+    # The HParams view in the bucket is the one last written, not every earlier write added up.
+    written = os.path.join(storage.working_dir(sweep_dir, "sweeps"), "tensorboard")
+    assert sorted(key.removeprefix("sweeps/seeds/tensorboard/") for key in list_keys(bucket, "sweeps/seeds/tensorboard/")) \
+        == sorted(os.path.relpath(os.path.join(root, name), written) for root, _, names in os.walk(written) for name in names)
     assert cli(["report", sweep_dir, "--out", str(tmp_path / "report")]) == 0

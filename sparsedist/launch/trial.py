@@ -32,7 +32,7 @@ from sparsedist.launch.space import parse_space
 from sparsedist.launch.train import make_trainer, raise_run_error
 from sparsedist.logging import flatten_epoch, read_jsonl
 from sparsedist.report.runs import is_run_dir, read_run
-from sparsedist.report.sweep import TRIAL_FILE, TRIALS_DIR, read_trial_file, write_trial_file
+from sparsedist.report.sweep import TRIALS_DIR, read_trial_file, write_trial_file
 from sparsedist.rundir import METRICS_FILE, prepare_run_dir
 
 HANDOFF_FILE = "handoff.json"  # {"trial_id", "epoch"}: whose state, after which epoch
@@ -88,7 +88,7 @@ def trial_driver(sampled: dict[str, Any], *, spec: dict[str, Any], sweep_dir: st
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(spec, sampled, trial_id, sweep_dir)
     run_dir = cfg.run.run_dir
-    exploits = read_trial_file(run_dir)["exploits"] if storage.is_file(storage.join(run_dir, TRIAL_FILE)) else []
+    exploits = (read_trial_file(run_dir) or {"exploits": []})["exploits"]
     checkpoint = tune.get_checkpoint()  # a hand-off: this trial's own (resume) or, after an exploit, the donor's
     with checkpoint.as_directory() if checkpoint is not None else nullcontext() as handoff_dir:
         handoff = None

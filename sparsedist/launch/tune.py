@@ -32,7 +32,7 @@ from sparsedist.rundir import SUMMARY_FILE
 from sparsedist.tracking import log_outputs
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import write_json_atomic
-from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIAL_FILE, TRIALS_DIR,
+from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIALS_DIR,
                                      TUNE_DIR, Trial, read_sweep_file, read_trials, record_trial_error, write_sweep_results)
 
 DEFAULT_METRIC = "eval/val/accuracy/keep_1.00"
@@ -174,7 +174,7 @@ def record_trial_errors(sweep_dir: str, results) -> None:
     for result in results:
         trial_id = os.path.basename(result.path)
         run_dir = storage.join(sweep_dir, TRIALS_DIR, trial_id)
-        if result.error is not None and storage.is_file(storage.join(run_dir, TRIAL_FILE)):
+        if result.error is not None:
             # A Ray task error's text is its traceback; the last line names the exception.
             record_trial_error(run_dir, str(result.error).strip().splitlines()[-1])
 

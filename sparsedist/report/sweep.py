@@ -92,13 +92,20 @@ def write_trial_file(run_dir: str, trial_id: str, params: dict[str, Any], error:
     storage.write_bytes(storage.join(run_dir, TRIAL_FILE), json.dumps(data, indent=2).encode())
 
 
-def read_trial_file(run_dir: str) -> dict[str, Any]:
-    # trial.json of older sweeps has no exploits
-    return {"exploits": [], **json.loads(storage.read_bytes(storage.join(run_dir, TRIAL_FILE)))}
+def read_trial_file(run_dir: str) -> dict[str, Any] | None:
+    """A trial's trial.json, None when the trial has none (read, not checked first: one request less on S3)."""
+    try:
+        # trial.json of older sweeps has no exploits
+        return {"exploits": [], **json.loads(storage.read_bytes(storage.join(run_dir, TRIAL_FILE)))}
+    except FileNotFoundError:
+        return None
 
 
 def record_trial_error(run_dir: str, error: str) -> None:
+    """Put `error` into a trial's trial.json, if it has one."""
     data = read_trial_file(run_dir)
+    if data is None:
+        return
     write_trial_file(run_dir, data["trial_id"], data["params"], error=error, exploits=data["exploits"])
 
 
@@ -112,8 +119,7 @@ def read_trials(sweep_dir: str) -> list[Trial]:
     trials = []
     for name in storage.list_dir(root):
         run_dir = storage.join(root, name)
-        if storage.is_file(storage.join(run_dir, TRIAL_FILE)):
-            data = read_trial_file(run_dir)
+        if (data := read_trial_file(run_dir)) is not None:
             trials.append(Trial(data["trial_id"], data["params"], data["error"], read_run(run_dir), data["exploits"]))
     return trials
 
@@ -295,6 +301,8 @@ def write_sweep_results(sweep_dir: str, trials: list[Trial] | None = None) -> li
     write_summary_md(trials, os.path.join(local, SUMMARY_MD), metric, mode, name)
     write_sweep_hparams(trials, os.path.join(local, TENSORBOARD_DIR), metric, mode)
     if storage.is_uri(sweep_dir):
+        # The HParams view is rewritten whole: the bucket's earlier event files would show each trial twice.
+        storage.delete_dir(storage.join(sweep_dir, TENSORBOARD_DIR))
         for result in (CSV_FILE, SUMMARY_MD, TENSORBOARD_DIR):
             storage.upload(os.path.join(local, result), storage.join(sweep_dir, result))
     return trials
