@@ -17,7 +17,7 @@ from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.train import add_train_arguments, config_from_args, main
 from sparsedist.launch.tune import SweepError, run_sweep, sweep_spec
 from sparsedist.rundir import RunDirError, RunMirror, check_run_dir, prepare_run_dir
-from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsedist.train.checkpoint import MARKER_FILE, load_checkpoint, save_checkpoint
 from tests.s3 import list_keys, new_bucket, s3_server
 
 
@@ -75,6 +75,23 @@ def test_a_run_directory_in_a_bucket_is_created_refused_resumed_and_overwritten(
     storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), b"{}\n")
     prepare_run_dir(cfg, overwrite=True)
     assert list_keys(bucket) == ["runs/a/config.yaml"]
+
+
+def test_a_run_in_a_bucket_is_evaluated_from_a_copy_of_the_one_checkpoint_it_reads(bucket, tmp_path):
+    from sparsedist.report.evaluate import resolve_checkpoint
+
+    run_dir = f"s3://{bucket}/runs/a"
+    for epoch in range(3):
+        save_checkpoint({"epoch": epoch}, str(tmp_path / f"epoch_{epoch:05d}"))
+    (tmp_path / "epoch_00002" / MARKER_FILE).unlink()  # a save cut short: not complete, not chosen
+    storage.upload(str(tmp_path), run_dir)
+    storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), b"{}\n")
+    newest = resolve_checkpoint(run_dir)
+    assert os.path.basename(newest) == "epoch_00001" and load_checkpoint(newest)["epoch"] == 1
+    assert sorted(os.listdir(os.path.dirname(newest))) == ["epoch_00001"]
+    storage.upload(str(tmp_path / "epoch_00000"), storage.join(run_dir, "best"))
+    best = resolve_checkpoint(run_dir)
+    assert os.path.basename(best) == "best" and sorted(os.listdir(os.path.dirname(best))) == ["best"]
 
 
 def test_the_mirror_publishes_changed_rank0_files_and_a_restarted_attempt_restores_them(bucket):

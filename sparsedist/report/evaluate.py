@@ -43,11 +43,11 @@ class CheckpointEvaluation:
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one.
     A storage URI is first copied to this machine: only what is read (not the run's metrics and
-    TensorBoard events, nor its epoch checkpoints when it has a best/ one)."""
+    TensorBoard events, and of its epoch checkpoints only the newest complete one when it has no best/)."""
     if storage.is_uri(path):
-        has_best = storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE))
+        read = BEST_DIR if storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE)) else newest_stored_epoch(path)
         path = storage.local_copy(path, exclude=lambda relative: relative.split("/")[0] in (METRICS_FILE, TENSORBOARD_DIR)
-                                  or (has_best and relative.startswith("epoch_")))
+                                  or (relative.startswith("epoch_") and relative.split("/")[0] != read))
     path = os.path.abspath(path)
     if os.path.isfile(os.path.join(path, MARKER_FILE)):
         return path
@@ -58,6 +58,13 @@ def resolve_checkpoint(path: str) -> str:
     if latest is None:
         raise CheckpointError(f"{path} is neither a checkpoint nor a run directory holding one")
     return latest
+
+
+def newest_stored_epoch(location: str) -> str | None:
+    """The name of the newest complete `epoch_*` checkpoint under a storage location (`latest_checkpoint`'s
+    choice), found by listing rather than downloading."""
+    names = [n for n in storage.list_dir(location) if n.startswith("epoch_")]
+    return next((n for n in reversed(names) if storage.is_file(storage.join(location, n, MARKER_FILE))), None)
 
 
 def evaluate_checkpoint(path: str, *, device: torch.device, keep_ratios: Sequence[float] | None = None,
