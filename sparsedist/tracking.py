@@ -104,7 +104,9 @@ def log_outputs(cfg: Config, status: str = "FINISHED") -> None:
         return
     client = _client(cfg)
     run = _find_run(client, cfg)
-    if run is None:  # the run failed before rank 0 started it
+    # None: the run failed before rank 0 started it. Ended: logged already (a trial that had ended before
+    # `tune --resume`); a resumed or overwritten run directory is marked running again by `_start_run`.
+    if run is None or run.info.status != "RUNNING":
         return
     run_id = run.info.run_id
     # A run directory in object storage is read from a temporary local copy (without its checkpoints).

@@ -289,12 +289,13 @@ def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, m
                      for name in started_before}
     assert finished_before and len(finished_before) < trials, output[-5000:]
 
+    resumed_at = time.time()
     second = launch_sweep(space, sweep_dir, data_root, resume=True, spec=spec, max_concurrent=max_concurrent,
                           overrides=overrides)
     output = second.communicate(timeout=SWEEP_TIMEOUT_S)[0]
     assert second.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
     return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before,
-            "params_before": params_before}
+            "params_before": params_before, "resumed_at": resumed_at}
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +350,8 @@ def test_each_sweep_trial_is_one_mlflow_run_also_across_a_resume(resumed_optuna_
         history = client.get_metric_history(run.info.run_id, "epoch/loss")
         assert max(m.step for m in history) == final["step"]
         assert {"config.yaml", "summary.json", "figures"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        if trial.trial_id in resumed_optuna_sweep["finished_before"]:  # ended and logged before the resume, once
+            assert run.info.end_time / 1000 < resumed_optuna_sweep["resumed_at"]
 
 
 @pytest.mark.slow
