@@ -30,12 +30,10 @@ def source_commit() -> str | None:
     source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         # Only the package's own repository: installed into another project's tree, git would answer for it.
-        top = subprocess.run(["git", "-C", source, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
+        top, commit = subprocess.run(["git", "-C", source, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                                     text=True, timeout=5, check=True).stdout.splitlines()
         if os.path.realpath(top) != os.path.realpath(source):
             return None
-        commit = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", source, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -124,6 +124,9 @@ def test_run_directory_holds_config_history_tensorboard_checkpoints_and_summary(
     provenance = summary["provenance"]
     assert (provenance["world_size"], provenance["nodes"], provenance["device"]) == (2, 1, "cpu")
     assert provenance["versions"]["torch"] == torch.__version__.split("+")[0] and provenance["versions"]["ray"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers import the package from here
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert provenance["commit"] in (head, head + "-dirty")
     assert summary["attempts"] == 1
     accumulator = EventAccumulator(os.path.join(run_dir, "tensorboard"), size_guidance={"scalars": 0})
     accumulator.Reload()
