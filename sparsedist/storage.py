@@ -27,6 +27,7 @@ from sparsedist.atomic import write_atomic
 
 
 _CHUNK = 1 << 22  # streamed copies: checkpoints and .beton files need not fit in memory twice
+GCS_PROBE_RETRY_S = 10  # how long `check_usable` lets a gs:// location retry before it is refused
 
 
 class StorageError(RuntimeError):
@@ -126,11 +127,14 @@ def list_dir(location: str) -> list[str]:
     import pyarrow.fs
 
     filesystem, path = resolve(location)
+    # pyarrow lists a GCS subdirectory only if it has a marker object, and uploads write none: there the
+    # names come from every object below.
+    recursive = urlsplit(location).scheme == "gs"
     try:
-        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=recursive))
     except OSError as error:
         raise StorageError(f"cannot list {location}: {error}") from None
-    return sorted(posixpath.basename(entry.path) for entry in entries)
+    return sorted({posixpath.relpath(entry.path, path).split("/")[0] for entry in entries})
 
 
 def read_bytes(location: str) -> bytes:
@@ -171,6 +175,11 @@ def delete_file(location: str) -> None:
 
 def delete_dir(location: str) -> None:
     filesystem, path = resolve(location)
+    if _info(location).type.name == "NotFound":
+        return
+    filesystem.delete_dir_contents(path)
+    # What remains is a marker object or a local directory; on GCS a directory is often only its objects'
+    # common prefix, gone with them, and deleting it as a directory fails.
     if _info(location).type.name != "NotFound":
         filesystem.delete_dir(path)
 
@@ -239,6 +248,12 @@ def check_usable(location: str) -> None:
     if not is_uri(location):
         return
     probe = join(location, f".sparsedist-probe-{os.getpid()}")
+    scheme, netloc, path, query, fragment = urlsplit(probe)
+    if scheme == "gs" and "retry_limit_seconds" not in query:
+        # Google's client retries missing credentials and an unreachable endpoint for 15 minutes by
+        # default; training keeps that patience for its uploads, the probe gives up sooner.
+        query = f"{query}&" if query else ""
+        probe = urlunsplit((scheme, netloc, path, f"{query}retry_limit_seconds={GCS_PROBE_RETRY_S}", fragment))
     filesystem, path = resolve(probe)
     try:
         with filesystem.open_output_stream(path) as stream:
