@@ -48,12 +48,11 @@ SCHEDULERS = ("asha", "fifo", "pbt")
 SEARCH_ALGS = ("random", "optuna")
 # How a trial's MLflow run ends, by the trial's status.
 TRACKING_STATUS = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
-# Each scheduler's own settings: SweepSpec field -> (flag, default, minimum; None for a switch).
+# Each scheduler's own settings: SweepSpec field -> (flag, default, minimum).
 SCHEDULER_SETTINGS = {
     "asha": {"grace_period": ("--grace-period", ASHA_GRACE_EPOCHS, 1),
              "reduction_factor": ("--reduction-factor", ASHA_REDUCTION_FACTOR, 2)},
-    "pbt": {"perturbation_interval": ("--perturbation-interval", PBT_INTERVAL_EPOCHS, 1),
-            "synchronous": ("--synchronous", False, None)},
+    "pbt": {"perturbation_interval": ("--perturbation-interval", PBT_INTERVAL_EPOCHS, 1)},
 }
 
 
@@ -74,9 +73,6 @@ class SweepSpec:
     grace_period: int | None = None  # ASHA only: epochs before a trial can be stopped
     reduction_factor: int | None = None  # ASHA only: 1/reduction_factor of the trials go on at each rung
     perturbation_interval: int | None = None  # PBT only: epochs between exploit/explore decisions
-    # PBT only: each perturbation waits for the whole population (Tune's synch=True), so which trial exploits
-    # which depends on the scores alone, not on which trial reported first.
-    synchronous: bool | None = None
     search_alg: str = "random"  # random (grids crossed with random samples) or optuna (TPE)
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,11 +90,11 @@ def default_scheduler(space: Any) -> str:
 def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
                scheduler: str | None = None, num_samples: int = 1, grace_period: int | None = None,
                reduction_factor: int | None = None, perturbation_interval: int | None = None,
-               synchronous: bool | None = None, search_alg: str = "random") -> SweepSpec:
+               search_alg: str = "random") -> SweepSpec:
     """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set); without a
     scheduler, `default_scheduler` picks one from the space. A scheduler's settings take their defaults."""
     given = {"grace_period": grace_period, "reduction_factor": reduction_factor,
-             "perturbation_interval": perturbation_interval, "synchronous": synchronous}
+             "perturbation_interval": perturbation_interval}
     problems = []
     if scheduler is not None and scheduler not in SCHEDULERS:
         problems.append(("--scheduler", f"must be one of {', '.join(SCHEDULERS)}", scheduler))
@@ -119,7 +115,7 @@ def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metri
     for owner, owned in SCHEDULER_SETTINGS.items():
         for field, (flag, default, minimum) in owned.items():
             value = given[field]
-            if value is not None and minimum is not None and value < minimum:
+            if value is not None and value < minimum:
                 problems.append((flag, f"must be >= {minimum}", value))
             elif value is not None and owner != scheduler:
                 problems.append((flag, f"is a setting of --scheduler {owner}; the sweep's scheduler is {scheduler}", value))
@@ -250,9 +246,6 @@ def check_sweep_dir(spec: SweepSpec, sweep_dir: str, resume: bool) -> None:
         if not storage.is_file(storage.join(sweep_dir, SWEEP_FILE)):
             raise SweepError(f"nothing to resume: {sweep_dir} holds no {SWEEP_FILE}")
         stored = read_sweep_file(sweep_dir)
-        # A scheduler setting added since the sweep was written ran at its default.
-        added = {field: default for field, (_, default, _) in SCHEDULER_SETTINGS.get(stored.get("scheduler"), {}).items()}
-        stored = {**added, **stored}
         differences = sorted(k for k in stored.keys() | spec.to_dict().keys() if stored.get(k) != spec.to_dict().get(k))
         if differences:
             raise SweepError(f"cannot resume {sweep_dir}: the sweep differs in {', '.join(differences)} (resume with "
@@ -276,8 +269,7 @@ def make_scheduler(spec: SweepSpec, space: SearchSpace, max_epochs: int):
     if spec.scheduler == "pbt":
         # Tune's explore scales ranges by 0.8 / 1.2 without regard to their bounds: `space.clip` puts them back.
         return PopulationBasedTraining(time_attr="training_iteration", perturbation_interval=spec.perturbation_interval,
-                                       hyperparam_mutations=space.mutations(), custom_explore_fn=space.clip,
-                                       synch=spec.synchronous)
+                                       hyperparam_mutations=space.mutations(), custom_explore_fn=space.clip)
     return FIFOScheduler()
 
 
@@ -378,10 +370,6 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ASHA: 1 in this many trials goes on at each rung (default {ASHA_REDUCTION_FACTOR})")
     parser.add_argument("--perturbation-interval", type=int, default=None,
                         help=f"PBT: epochs between exploit/explore decisions (default {PBT_INTERVAL_EPOCHS})")
-    parser.add_argument("--synchronous", action="store_const", const=True, default=None,
-                        help="PBT: every perturbation waits until the whole population has reached it (Tune's "
-                             "synch=True), so exploits follow the scores, not the order trials report in; each trial "
-                             "pauses and restarts from its checkpoint at every perturbation")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"per-epoch metric to optimize (default {DEFAULT_METRIC})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a base config field by dotted path (repeatable)")
@@ -396,7 +384,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
         spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
                           num_samples=args.num_samples, grace_period=args.grace_period,
                           reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval,
-                          synchronous=args.synchronous, search_alg=args.search_alg)
+                          search_alg=args.search_alg)
         trials = run_sweep(spec, sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume)
     except ConfigError as error:  # SpaceError included
         print(error.format(), file=sys.stderr)
