@@ -128,13 +128,13 @@ def list_dir(location: str) -> list[str]:
 
     filesystem, path = resolve(location)
     # pyarrow lists a GCS subdirectory only if it has a marker object, and uploads write none: there the
-    # names come from every object below.
-    recursive = urlsplit(location).scheme == "gs"
+    # names come from every object below (a listing of the whole tree).
+    recursive = filesystem.type_name == "gcs"
     try:
         entries = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True, recursive=recursive))
     except OSError as error:
         raise StorageError(f"cannot list {location}: {error}") from None
-    return sorted({posixpath.relpath(entry.path, path).split("/")[0] for entry in entries})
+    return sorted({entry.path[len(path):].lstrip("/").split("/")[0] for entry in entries})
 
 
 def read_bytes(location: str) -> bytes:
@@ -249,7 +249,7 @@ def check_usable(location: str) -> None:
         return
     probe = join(location, f".sparsedist-probe-{os.getpid()}")
     scheme, netloc, path, query, fragment = urlsplit(probe)
-    if scheme == "gs" and "retry_limit_seconds" not in query:
+    if resolve(probe)[0].type_name == "gcs" and "retry_limit_seconds" not in query:
         # Google's client retries missing credentials and an unreachable endpoint for 15 minutes by
         # default; training keeps that patience for its uploads, the probe gives up sooner.
         query = f"{query}&" if query else ""

@@ -81,19 +81,21 @@ def test_a_missing_bucket_or_an_unreachable_endpoint_is_one_clear_error_before_a
 
 
 def test_a_gcs_location_without_its_bucket_or_credentials_is_one_clear_error_not_a_wait(gcs_endpoint, capsys,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, tmp_path):
     options = f"?endpoint_override={gcs_endpoint}&scheme=http"
     assert main(["--config", "smoke", "--run-dir", f"gs://no-such-bucket/runs/x{options}"]) == 2
     assert re.search("cannot write to gs://no-such-bucket/runs/x.*NOT_FOUND.*Check that the bucket exists",
                      capsys.readouterr().err)
     # No credentials anywhere: Google's default chain ends at the metadata server, refused here at once.
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    for gcloud_home in ("HOME", "CLOUDSDK_CONFIG"):  # nor a gcloud login's application default credentials
+        monkeypatch.setenv(gcloud_home, str(tmp_path))
     monkeypatch.setenv("GCE_METADATA_ROOT", "127.0.0.1:1")
     started = time.monotonic()
     assert main(["--config", "smoke", "--run-dir", f"gs://{gcs.new_bucket(gcs_endpoint)}/runs/x{options}"]) == 2
     error = capsys.readouterr().err
     assert "OAuth2 access token" in error and "GOOGLE_APPLICATION_CREDENTIALS for gs://" in error
-    assert time.monotonic() - started < 6 * storage.GCS_PROBE_RETRY_S  # not Google's default 15 minutes
+    assert time.monotonic() - started < 4 * storage.GCS_PROBE_RETRY_S  # ~23 s: not Google's default 15 minutes
 
 
 def test_a_relative_run_dir_is_refused_while_attached_to_a_cluster(monkeypatch, capsys):
@@ -131,13 +133,16 @@ def test_a_run_in_a_bucket_is_evaluated_from_a_copy_of_the_one_checkpoint_it_rea
         save_checkpoint({"epoch": epoch}, str(tmp_path / f"epoch_{epoch:05d}"))
     (tmp_path / "epoch_00002" / MARKER_FILE).unlink()  # a save cut short: not complete, not chosen
     storage.upload(str(tmp_path), run_dir)
+    storage.upload(str(tmp_path / "epoch_00000"), storage.join(run_dir, "start"))  # a PBT donor's state
     storage.write_bytes(storage.join(run_dir, "metrics.jsonl"), b"{}\n")
     newest = resolve_checkpoint(run_dir)
     assert os.path.basename(newest) == "epoch_00001" and load_checkpoint(newest)["epoch"] == 1
-    assert sorted(os.listdir(os.path.dirname(newest))) == ["epoch_00001"]
+    assert os.listdir(os.path.dirname(newest)) == ["epoch_00001"]  # the one checkpoint, nothing beside it
     storage.upload(str(tmp_path / "epoch_00000"), storage.join(run_dir, "best"))
     best = resolve_checkpoint(run_dir)
-    assert os.path.basename(best) == "best" and sorted(os.listdir(os.path.dirname(best))) == ["best"]
+    assert os.path.basename(best) == "best" and os.listdir(os.path.dirname(best)) == ["best"]
+    given = resolve_checkpoint(storage.join(run_dir, "epoch_00000"))
+    assert load_checkpoint(given)["epoch"] == 0 and os.listdir(os.path.dirname(given)) == ["epoch_00000"]
 
 
 def test_a_sweep_directory_in_a_bucket_lists_its_trials(bucket):

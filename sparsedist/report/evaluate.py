@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -18,7 +19,7 @@ import torch
 
 from sparsedist.config import Config, ConfigError, apply_overrides, validate
 from sparsedist import storage
-from sparsedist.rundir import BEST_DIR, METRICS_FILE, TENSORBOARD_DIR
+from sparsedist.rundir import BEST_DIR
 from sparsedist.logging import regime_key
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity
@@ -42,29 +43,21 @@ class CheckpointEvaluation:
 
 def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one.
-    A storage URI is first copied to this machine: only what is read (not the run's metrics and
-    TensorBoard events, and of its epoch checkpoints only the newest complete one when it has no best/)."""
-    if storage.is_uri(path):
-        read = BEST_DIR if storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE)) else newest_stored_epoch(path)
-        path = storage.local_copy(path, exclude=lambda relative: relative.split("/")[0] in (METRICS_FILE, TENSORBOARD_DIR)
-                                  or (relative.startswith("epoch_") and relative.split("/")[0] != read))
-    path = os.path.abspath(path)
-    if os.path.isfile(os.path.join(path, MARKER_FILE)):
-        return path
-    best = os.path.join(path, BEST_DIR)
-    if os.path.isfile(os.path.join(best, MARKER_FILE)):
-        return best
-    latest = latest_checkpoint(path)
-    if latest is None:
+    One in object storage is copied to this machine first: that checkpoint alone."""
+    path = storage.absolute(path)
+    if storage.is_file(storage.join(path, MARKER_FILE)):
+        chosen = path
+    elif storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE)):
+        chosen = storage.join(path, BEST_DIR)
+    else:
+        chosen = latest_checkpoint(path)
+    if chosen is None:
         raise CheckpointError(f"{path} is neither a checkpoint nor a run directory holding one")
-    return latest
-
-
-def newest_stored_epoch(location: str) -> str | None:
-    """The name of the newest complete `epoch_*` checkpoint under a storage location (`latest_checkpoint`'s
-    choice), found by listing rather than downloading."""
-    names = [n for n in storage.list_dir(location) if n.startswith("epoch_")]
-    return next((n for n in reversed(names) if storage.is_file(storage.join(location, n, MARKER_FILE))), None)
+    if not storage.is_uri(chosen):
+        return chosen
+    local = os.path.join(tempfile.mkdtemp(prefix="sparsedist-read-"), storage.parent_and_name(chosen)[1])
+    storage.download(chosen, local)
+    return local
 
 
 def evaluate_checkpoint(path: str, *, device: torch.device, keep_ratios: Sequence[float] | None = None,

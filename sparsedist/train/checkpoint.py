@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sparsedist import storage
 from sparsedist.atomic import fsync_path, remove_stale_siblings, replace_directory, staging_sibling
 
 STATE_FILE = "state.pt"
@@ -118,8 +119,10 @@ def checkpoint_name(epoch: int) -> str:
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete `epoch_*` checkpoint directory under root (damaged ones raise on load, not here)."""
-    if not os.path.isdir(root):
+    """The newest complete `epoch_*` checkpoint directory under root, a path or a storage URI, found by
+    listing (damaged ones raise on load, not here)."""
+    if not storage.is_uri(root) and not os.path.isdir(root):
         return None
-    names = sorted(n for n in os.listdir(root) if n.startswith("epoch_") and os.path.isfile(os.path.join(root, n, MARKER_FILE)))
-    return os.path.join(root, names[-1]) if names else None
+    names = [name for name in storage.list_dir(root) if name.startswith("epoch_")]
+    return next((storage.join(root, name) for name in reversed(names)
+                 if storage.is_file(storage.join(root, name, MARKER_FILE))), None)
