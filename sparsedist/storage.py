@@ -27,7 +27,7 @@ from sparsedist.atomic import write_atomic
 
 
 _CHUNK = 1 << 22  # streamed copies: checkpoints and .beton files need not fit in memory twice
-GCS_PROBE_RETRY_S = 10  # how long `check_usable` lets a gs:// location retry before it is refused
+GCS_PROBE_RETRY_S = 10  # how long `check_usable`/`check_readable` let a gs:// location retry before refusing it
 
 
 class StorageError(RuntimeError):
@@ -241,30 +241,47 @@ def working_dir(location: str, purpose: str) -> str:
     return directory
 
 
+_ACCESS_HINT = ("Check that the bucket exists, that credentials are set (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                "~/.aws for s3://; GOOGLE_APPLICATION_CREDENTIALS for gs://) and the endpoint is reachable "
+                "(AWS_ENDPOINT_URL or ?endpoint_override=).")
+
+
+def _impatient(location: str) -> str:
+    """`location` with a short retry limit where its store would retry for minutes: Google's client retries
+    missing credentials and an unreachable endpoint for 15 minutes by default. The checks below use it;
+    training and copies keep the store's patience."""
+    scheme, netloc, path, query, fragment = urlsplit(location)
+    if resolve(location)[0].type_name != "gcs" or "retry_limit_seconds" in query:
+        return location
+    query = f"{query}&" if query else ""
+    return urlunsplit((scheme, netloc, path, f"{query}retry_limit_seconds={GCS_PROBE_RETRY_S}", fragment))
+
+
 def check_usable(location: str) -> None:
     """Fail with one clear StorageError, before any worker starts, when the URI `location` cannot be
     written: an unreachable endpoint, a missing bucket, refused credentials. Writes and deletes a probe
     object. A local directory passes: it is made when first written."""
     if not is_uri(location):
         return
-    probe = join(location, f".sparsedist-probe-{os.getpid()}")
-    scheme, netloc, path, query, fragment = urlsplit(probe)
-    if resolve(probe)[0].type_name == "gcs" and "retry_limit_seconds" not in query:
-        # Google's client retries missing credentials and an unreachable endpoint for 15 minutes by
-        # default; training keeps that patience for its uploads, the probe gives up sooner.
-        query = f"{query}&" if query else ""
-        probe = urlunsplit((scheme, netloc, path, f"{query}retry_limit_seconds={GCS_PROBE_RETRY_S}", fragment))
-    filesystem, path = resolve(probe)
+    filesystem, path = resolve(_impatient(join(location, f".sparsedist-probe-{os.getpid()}")))
     try:
         with filesystem.open_output_stream(path) as stream:
             stream.write(b"probe")
         filesystem.delete_file(path)
     except OSError as error:
-        raise StorageError(
-            f"cannot write to {location}: {error}. Check that the bucket exists, that credentials are set "
-            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws for s3://; GOOGLE_APPLICATION_CREDENTIALS for "
-            "gs://) and the endpoint is reachable (AWS_ENDPOINT_URL or ?endpoint_override=)."
-        ) from None
+        raise StorageError(f"cannot write to {location}: {error}. {_ACCESS_HINT}") from None
+
+
+def check_readable(location: str) -> None:
+    """Fail with one clear StorageError, instead of waiting out the store's retries, when the URI `location`
+    cannot be read: an unreachable endpoint, refused credentials. A local path passes."""
+    if not is_uri(location):
+        return
+    filesystem, path = resolve(_impatient(location))
+    try:
+        filesystem.get_file_info(path)
+    except OSError as error:
+        raise StorageError(f"cannot read {location}: {error}. {_ACCESS_HINT}") from None
 
 
 def local_copy(location: str, exclude: Callable[[str], bool] = lambda relative: False) -> str:

@@ -16,6 +16,7 @@ from typing import Callable
 import pytest
 
 from sparsedist import storage
+from sparsedist.cli import main as cli
 from sparsedist.config import load_config
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.train import add_train_arguments, config_from_args, main
@@ -96,6 +97,11 @@ def test_a_gcs_location_without_its_bucket_or_credentials_is_one_clear_error_not
     error = capsys.readouterr().err
     assert "OAuth2 access token" in error and "GOOGLE_APPLICATION_CREDENTIALS for gs://" in error
     assert time.monotonic() - started < 4 * storage.GCS_PROBE_RETRY_S  # ~23 s: not Google's default 15 minutes
+    started = time.monotonic()  # and readers: eval (export and report check the same way)
+    assert cli(["eval", "--checkpoint", f"gs://{gcs.new_bucket(gcs_endpoint)}/runs/x{options}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot read gs://") and "GOOGLE_APPLICATION_CREDENTIALS for gs://" in error
+    assert time.monotonic() - started < 4 * storage.GCS_PROBE_RETRY_S
 
 
 def test_a_relative_run_dir_is_refused_while_attached_to_a_cluster(monkeypatch, capsys):

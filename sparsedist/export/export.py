@@ -26,6 +26,7 @@ from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, 
                                         ArtifactError, check_keep_ratio)
 from sparsedist.logging import regime_key
 from sparsedist.provenance import package_version, source_commit
+from sparsedist.storage import StorageError
 from sparsedist.report.evaluate import CheckpointEvaluation, add_evaluation_options, device_from_args, evaluate_checkpoint
 from sparsedist.train.checkpoint import CheckpointError
 
@@ -195,7 +196,7 @@ def export_from_args(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error.format(), file=sys.stderr)
         return 2
-    except (ExportError, ArtifactError, CheckpointError, DataUnavailableError) as error:
+    except (ExportError, ArtifactError, CheckpointError, DataUnavailableError, StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"exported {config['provenance']['checkpoint']} to {os.path.abspath(args.out)}")

@@ -45,6 +45,7 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint directory as given, or for a run directory its best/ checkpoint, else its newest one.
     One in object storage is copied to this machine first: that checkpoint alone."""
     path = storage.absolute(path)
+    storage.check_readable(path)
     if storage.is_file(storage.join(path, MARKER_FILE)):
         chosen = path
     elif storage.is_file(storage.join(path, BEST_DIR, MARKER_FILE)):
@@ -144,7 +145,7 @@ def eval_from_args(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(error.format(), file=sys.stderr)
         return 2
-    except (CheckpointError, DataUnavailableError) as error:
+    except (CheckpointError, DataUnavailableError, storage.StorageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(regime_text(evaluation))

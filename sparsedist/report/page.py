@@ -130,6 +130,8 @@ def unread_by_reports(relative: str) -> bool:
 
 def report_from_args(args: argparse.Namespace) -> int:
     try:
+        for path in args.paths:
+            storage.check_readable(path)
         with contextlib.ExitStack() as stack:
             paths = [stack.enter_context(storage.local_view(path, exclude=unread_by_reports)) for path in args.paths]
             # A run read from storage is a temporary copy: its report goes to ./report unless --out says where.
