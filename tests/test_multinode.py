@@ -2,7 +2,8 @@
 (`ray.cluster_utils.Cluster`: a head with no CPUs and three 1-CPU worker nodes, so two 1-CPU workers
 must sit on different nodes) and a real S3 API server on 127.0.0.1 holding run directories and data. One 2-node run, then the same run
 losing the node of rank 0 mid-training: Ray Train restarts it on the remaining nodes from its last
-checkpoint registered on S3, and it must end bitwise equal to the uninterrupted run. Last, a sweep whose
+checkpoint registered on S3, and it must end bitwise equal to the uninterrupted run. The same run with its
+directory in GCS (a GCS API server on 127.0.0.1 too) must also end bitwise equal. Last, a sweep whose
 directory is in the bucket. The third node is
 the replacement, up from the start: `Cluster.add_node` fails when called from the thread that watches
 the run. Network scope here; the SIGKILL restart test in test_launch_ray covers layer scope."""
@@ -30,6 +31,7 @@ from sparsedist.launch.tune import run_sweep, sweep_spec
 from sparsedist.logging import read_jsonl
 from sparsedist.rundir import RunMirror
 from sparsedist.train.checkpoint import load_checkpoint
+from tests import gcs
 from tests.s3 import list_keys, new_bucket, s3_server
 from tests.test_launch_ray import registered
 from tests.test_tensorboard_sink import assert_events_match_jsonl
@@ -48,7 +50,13 @@ def bucket():
 
 
 @pytest.fixture(scope="module")
-def cluster(bucket):  # started after the S3 server: its nodes inherit the AWS_* environment
+def gcs_endpoint():
+    with gcs.gcs_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def cluster(bucket, gcs_endpoint):  # after the S3 and GCS servers: the nodes inherit AWS_* and Google's credentials
     for name, value in EMBEDDED_ENV.items():  # before Ray's first import, as for an embedded cluster
         os.environ.setdefault(name, value)
     import ray
@@ -130,6 +138,21 @@ def test_report_and_eval_read_the_run_from_s3(reference, tmp_path, capsys):
     assert cli(["eval", "--checkpoint", run_dir, "--json", str(tmp_path / "eval.json")]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     # The best/ checkpoint from the bucket gives back the run's own validation-selected accuracies.
+    assert evaluation["epoch"] == summary["selected"]["epoch"]
+    assert evaluation["accuracy"]["test"] == pytest.approx(summary["selected"]["test"])
+
+
+def test_the_same_run_in_gcs_reproduces_the_s3_run_bitwise_and_evaluates_from_there(reference, gcs_endpoint, data_root,
+                                                                                    tmp_path):
+    run_dir = f"gs://{gcs.new_bucket(gcs_endpoint)}/runs/reference?endpoint_override={gcs_endpoint}&scheme=http"
+    summary = run_training(network_smoke(run_dir, data_root))
+    assert len(set(worker_nodes(run_dir).values())) == 2 and summary["epochs_completed"] == EPOCHS
+    state, expected = final_state(run_dir), final_state(reference[0])
+    for name, tensor in expected["model"].items():
+        assert torch.equal(state["model"][name], tensor), name
+    assert history(run_dir) == history(reference[0])
+    assert cli(["eval", "--checkpoint", run_dir, "--json", str(tmp_path / "eval.json")]) == 0
+    evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["epoch"] == summary["selected"]["epoch"]
     assert evaluation["accuracy"]["test"] == pytest.approx(summary["selected"]["test"])
 
