@@ -284,7 +284,11 @@ class RunConfig(Section):
         "default ./runs/<name>."
     )
     seed: int = Field(3407, ge=0, description="Seed of model init, data order and everything random.")
-    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do (-1: unlimited).")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do after failures (a worker "
+                              "crash, a host lost without notice; -1: unlimited).")
+    max_preemption_failures: int = Field(
+        -1, ge=-1, description="Restarts after preemptions (a node drained with notice, such as a spot reclaim), counted "
+        "apart from run.max_failures (-1: unlimited: a preemption says nothing about the run).")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (the best by validation is kept too).")
     init_from: str | None = Field(
         None, description="Checkpoint directory a new run starts from: weights, optimizer, schedule, controller state "

@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("sparsedist", "torch", "ray", "ffcv", "numpy")
+PACKAGES = ("sparsedist", "ray", "ffcv", "numpy")
+# Where the code travels without its repository (a Ray job's working_dir excludes .git), the driver or the
+# user names the commit here; Ray Train workers get it from the driver (`launch.train.make_trainer`).
+COMMIT_ENV = "SPARSEDIST_COMMIT"
 
 
 def package_version(name: str) -> str | None:
@@ -25,8 +28,10 @@ def package_version(name: str) -> str | None:
 
 
 def source_commit() -> str | None:
-    """The git commit of the package's source tree (with "-dirty" if it has uncommitted changes), or None
-    where the code travelled without its repository (a Ray runtime_env working_dir, a wheel)."""
+    """The git commit of the package's source tree (with "-dirty" if it has uncommitted changes); where the
+    code travelled without its repository (a Ray runtime_env working_dir, a wheel), $SPARSEDIST_COMMIT, else None."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     source = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         # Only the package's own repository: installed into another project's tree, git would answer for it.
@@ -44,10 +49,11 @@ def source_commit() -> str | None:
 def provenance(device: torch.device, world_size: int, nodes: int) -> dict[str, Any]:
     cuda = device.type == "cuda"
     return {
-        "versions": {name: package_version(name) for name in PACKAGES},
+        # torch's own version string keeps the build tag (+cu130, +cpu) that package metadata drops.
+        "versions": {"torch": torch.__version__, **{name: package_version(name) for name in PACKAGES}},
         "commit": source_commit(),
         "device": device.type,
-        "cuda": torch.version.cuda if cuda else None,
+        "cuda": torch.version.cuda,  # the CUDA torch was built for (None: a CPU build), whatever the device
         "gpu": torch.cuda.get_device_name(device) if cuda else None,
         "world_size": world_size,
         "nodes": nodes,
@@ -62,6 +68,6 @@ def banner(run_dir: str, tensorboard_dir: str, record: dict[str, Any]) -> str:
         f"sparsedist run: {run_dir}",
         f"  TensorBoard: tensorboard --logdir {tensorboard_dir} --host 127.0.0.1",
         f"  workers: {record['world_size']} on {record['nodes']} node(s), device {device}"
-        + (f" (CUDA {record['cuda']})" if record["cuda"] else ""),
+        + (f" (CUDA {record['cuda']})" if record["gpu"] else ""),
         f"  versions: {versions}; commit {record['commit'] or 'unknown'}",
     ])

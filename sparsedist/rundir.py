@@ -47,7 +47,7 @@ RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # Fields a resumed run may change: where things live, how many resources, how often it logs or keeps
 # checkpoints. Everything else shapes the trajectory, so changing it on resume is refused.
 RESUME_SAFE_FIELDS = (
-    "run.name", "run.run_dir", "run.max_failures", "run.checkpoints_to_keep", "run.verbose",
+    "run.name", "run.run_dir", "run.max_failures", "run.max_preemption_failures", "run.checkpoints_to_keep", "run.verbose",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
     "data.root", "data.source", "data.download", "data.loader_workers",
     "eval.batch_size", "train.log_every_steps",

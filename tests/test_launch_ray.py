@@ -123,7 +123,8 @@ def test_run_directory_holds_config_history_tensorboard_checkpoints_and_summary(
         records, select_keep_ratio=cfg.eval.select_keep_ratio)
     provenance = summary["provenance"]
     assert (provenance["world_size"], provenance["nodes"], provenance["device"]) == (2, 1, "cpu")
-    assert provenance["versions"]["torch"] == torch.__version__.split("+")[0] and provenance["versions"]["ray"]
+    assert provenance["versions"]["torch"] == torch.__version__ and provenance["versions"]["ray"]
+    assert provenance["cuda"] == torch.version.cuda  # the build's CUDA, on a CPU device too
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the workers import the package from here
     head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert provenance["commit"] in (head, head + "-dirty")

@@ -51,6 +51,9 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from sparsedist.launch.network import NodeInterfaceTorchConfig
+    from sparsedist.provenance import COMMIT_ENV, source_commit
+
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})}
     parent, name = storage.parent_and_name(cfg.run.run_dir)
@@ -58,15 +61,19 @@ def make_trainer(cfg: Config, *, callbacks: Sequence[Any] = ()):
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg.to_dict(),
+        torch_config=NodeInterfaceTorchConfig(),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures,
+                                         max_preemption_failures=cfg.run.max_preemption_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
             callbacks=list(callbacks),
+            # The driver's view of the source commit: a job's workers run a copy without .git.
+            worker_runtime_env={"env_vars": {COMMIT_ENV: commit}} if (commit := source_commit()) else None,
             logging_config=LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
     )

@@ -33,14 +33,21 @@ from sparsedist.provenance import banner, provenance
 from sparsedist.rundir import (ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror,
                                record_failure)
 from sparsedist.tracking import tracking_sinks
-from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, save_checkpoint
+from sparsedist.train.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
+                                        save_checkpoint)
+from sparsedist.train.distributed import gather_failures
 from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
 
 log = logging.getLogger("sparsedist")
 
 # Failures every rank meets at the same point (the loss is all-reduced; every rank loads the same
-# checkpoint and config): a restart would replay them, so they end the run instead of failing the worker.
-DETERMINISTIC_ERRORS = (NonFiniteLossError, CheckpointError, ConfigError)
+# checkpoint and config; a start-up failure on any rank is shared): a restart would replay them, so they end the
+# run instead of failing the worker.
+class StartError(RuntimeError):
+    """A rank could not read the run's start state or its data; every rank raises it together."""
+
+
+DETERMINISTIC_ERRORS = (NonFiniteLossError, CheckpointError, ConfigError, StartError)
 
 
 def record_pid(directory: str, rank: int, node_id: str) -> None:
@@ -52,18 +59,33 @@ def record_pid(directory: str, rank: int, node_id: str) -> None:
         handle.write(f"{socket.gethostname()} {os.getpid()} {node_id}\n")
 
 
-def restored_state() -> dict[str, Any] | None:
-    """The latest checkpoint Ray registered for this run (after a restart or a relaunch), else None.
+def restored_state(run_dir: str) -> dict[str, Any] | None:
+    """The newest complete checkpoint of this run (after a restart or a relaunch), else None.
 
+    Ray gives the latest checkpoint it registered, and registration lags the upload by seconds: a host lost
+    in between would cost every epoch since. A newer epoch checkpoint already complete in the run directory
+    (rank 0 publishes the run files before it reports one) is taken instead; one that does not verify (an
+    upload cut short) is passed over for Ray's. Both load identically on every rank.
     Loaded on the CPU whatever the device: the RNG states must stay CPU byte tensors, and the loop's
     load_state_dict calls move model and optimizer state onto the model's device.
     """
+    state = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        # The epoch and step come from the checkpoint's contents: registration lags the saves on disk.
-        return load_checkpoint(directory)
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            # The epoch and step come from the checkpoint's contents, not from Ray's bookkeeping.
+            state = load_checkpoint(directory)
+    newest = latest_checkpoint(run_dir)
+    if newest is None or (state is not None and storage.parent_and_name(newest)[1] <= checkpoint_name(state["epoch"])):
+        return state
+    try:
+        with storage.local_view(newest) as directory:
+            newer = load_checkpoint(directory)
+    except (CheckpointError, OSError) as error:
+        log.warning(f"  {newest} is not a complete checkpoint ({error}); resuming from Ray's registered one")
+        return state
+    log.info(f"  resuming from {newest}, newer than the checkpoint Ray registered")
+    return newer
 
 
 def should_checkpoint(cfg: Config, epoch: int) -> bool:
@@ -94,17 +116,47 @@ def configure_logging(verbose: bool) -> None:
         log.setLevel(logging.INFO)
 
 
+def start_state(cfg: Config) -> dict[str, Any] | None:
+    """The state this attempt starts from: the run's newest checkpoint, else (PBT's exploit) run.init_from's,
+    loaded on the CPU (the loop moves it onto the model's device); None for a fresh start."""
+    state = restored_state(cfg.run.run_dir)
+    if state is None and cfg.run.init_from is not None:
+        with storage.local_view(cfg.run.init_from) as start:
+            state = load_checkpoint(start)
+    return state
+
+
+def start_on_every_rank(cfg: Config, rank: int, world_size: int, device) -> tuple[dict[str, Any] | None, Any]:
+    """The start state and the loaders, with the ranks agreeing on the outcome: a host that cannot read them
+    (storage it cannot reach, a data copy that does not verify) stops every rank within seconds with its
+    error, where the others would wait in their first collective until the process group times out."""
+    state = loaders = failure = None
+    try:
+        state = start_state(cfg)
+        epoch = 0 if state is None else state["epoch"] + 1
+        loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=epoch)
+    except Exception as error:  # noqa: BLE001 (any failure here must reach the other ranks)
+        failure = f"rank {rank} on {ray.util.get_node_ip_address()}: {type(error).__name__}: {error}"
+    failures = gather_failures(failure)
+    if failures:
+        raise StartError("cannot start on every host: " + "; ".join(failures))
+    return state, loaders
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function; `config` is `Config.to_dict()` with run.run_dir absolute or a URI."""
-    rank = ray.train.get_context().get_world_rank()
     try:
         run_replica(validate(config))
     except DETERMINISTIC_ERRORS as error:
         # Every rank meets it at the same point and returns normally: Ray Train retries failed workers,
-        # and a retry would replay this failure run.max_failures times. Rank 0 leaves the reason in the
-        # run directory, where the driver finds it (`launch.train` reports the run as failed).
-        if rank == 0:
+        # and a retry would replay this failure run.max_failures times. The reason goes into the run
+        # directory, where the driver finds it (`launch.train` reports the run as failed): written by every
+        # rank (the same bytes), so that a host that cannot reach the storage does not lose it.
+        try:
             record_failure(config["run"]["run_dir"], f"{type(error).__name__}: {error}")
+        except (OSError, storage.StorageError):
+            if ray.train.get_context().get_world_size() == 1:
+                raise
 
 
 def run_replica(cfg: Config) -> None:
@@ -120,14 +172,8 @@ def run_replica(cfg: Config) -> None:
     configure_logging(cfg.run.verbose)
     nodes = node_count(node_id)
 
-    resume_state = restored_state()
-    if resume_state is None and cfg.run.init_from is not None:
-        # A new run continuing another run's state under this config (PBT's exploit): loaded on the CPU,
-        # the loop moves it onto the model's device.
-        with storage.local_view(cfg.run.init_from) as start:
-            resume_state = load_checkpoint(start)
+    resume_state, loaders = start_on_every_rank(cfg, rank, world_size, device)
     last_done_epoch = -1 if resume_state is None else resume_state["epoch"]
-    loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=device, epoch=last_done_epoch + 1)
 
     sinks, tensorboard = [], None
     if rank == 0:
