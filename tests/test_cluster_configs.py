@@ -20,7 +20,7 @@ from sparsedist.launch.train import add_train_arguments, config_from_args
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER_CONFIGS = ["aws-gpu.yaml", "gcp-gpu.yaml"]
-ENTRYPOINT = ["python", "-m", "sparsedist.launch.train"]
+ENTRYPOINT = ["python", "-m", "sparsedist", "train"]
 RAY_PACKAGE = Path(importlib.util.find_spec("ray").submodule_search_locations[0])
 
 
@@ -33,12 +33,12 @@ def installed_ray_version() -> str:
 
 
 def parse_entrypoint(entrypoint: str):
-    """The run a `python -m sparsedist.launch.train ...` entrypoint would start, validated like ours."""
+    """The run a `python -m sparsedist train ...` entrypoint would start, validated like ours."""
     words = shlex.split(entrypoint)
-    assert words[:3] == ENTRYPOINT, words
+    assert words[:len(ENTRYPOINT)] == ENTRYPOINT, words
     parser = argparse.ArgumentParser()
     add_train_arguments(parser)
-    return config_from_args(parser.parse_args(words[3:]))
+    return config_from_args(parser.parse_args(words[len(ENTRYPOINT):]))
 
 
 @pytest.mark.parametrize("name", LAUNCHER_CONFIGS)
@@ -79,11 +79,19 @@ def test_node_recipe_installs_ffcv_libraries_and_pins_torch_like_the_test_suite(
 def test_runtime_env_ships_the_working_tree_without_virtualenv_data_and_runs():
     runtime_env = load("runtime-env.yaml")
     assert runtime_env["working_dir"] == "."
-    assert {".venv/", "data/", "runs/"} <= set(runtime_env["excludes"])
+    assert {".venv/", "data/", "runs/", "sweeps/", "models/", "mlruns/", "mlflow.db"} <= set(runtime_env["excludes"])
+
+
+KUBERAY_FILES = ("kuberay-storage.yaml", "kuberay-rayjob.yaml")
 
 
 def kuberay_documents() -> dict[str, dict]:
-    return {doc["kind"]: doc for doc in yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())}
+    return {doc["kind"]: doc for name in KUBERAY_FILES for doc in yaml.safe_load_all((CLUSTER / name).read_text())}
+
+
+def test_kuberay_job_file_holds_no_volume_so_deleting_the_job_keeps_the_results():
+    kinds = [doc["kind"] for doc in yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())]
+    assert kinds == ["RayJob"]
 
 
 def pod_mounts(template: dict) -> dict[str, str]:
