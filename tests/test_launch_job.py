@@ -1,11 +1,10 @@
-"""`ray job submit` against a real head started with the documented command (token auth, loopback):
-a smoke run comes back SUCCEEDED with its run directory, a bad config comes back FAILED with the error
-in the job's logs."""
+"""`ray job submit` against a real head started with the documented command (token auth, loopback): it
+listens on loopback only, refuses a wrong token, and a bad config comes back FAILED with the error in the
+job's logs. A job that trains, on several hosts, is in test_hosts."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import secrets
 import shutil
@@ -120,21 +119,6 @@ def test_job_without_the_token_is_refused(head):
                             text=True, timeout=60)
     assert result.returncode != 0
     assert "AuthenticationError" in result.stderr
-
-
-def test_smoke_job_succeeds_and_writes_its_run_directory(head, tmp_path):
-    run_dir = tmp_path / "run"
-    submission_id, result = submit(head, "--config", "smoke", "--run-dir", str(run_dir),
-                                   "--set", "scaling.num_workers=2", "--set", f"data.root={tmp_path / 'data'}")
-    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
-    assert f"Job '{submission_id}' succeeded" in job_cli(head, "status", submission_id)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs_completed"] == 2
-    assert "keep  final val  final test" in job_cli(head, "logs", submission_id)
-    # The job ran the uploaded working tree, which left the virtualenv behind.
-    packages = [p for p in Path(head.temp_dir, "session_latest/runtime_resources/working_dir_files").iterdir() if p.is_dir()]
-    assert packages and all((p / "sparsedist" / "launch" / "train.py").is_file() for p in packages)
-    assert not any((p / ".venv").exists() for p in packages)
 
 
 def test_bad_config_job_fails_with_the_error_in_its_logs(head, tmp_path):

@@ -215,7 +215,7 @@ def test_killed_workers_restart_then_resume_and_reproduce_the_uninterrupted_run_
     assert summary["epochs_completed"] == EPOCHS
     assert read_pid(cfg.run.run_dir, 1) not in killed
     # Ray's restart and the --resume relaunch both began past epoch 0, from a checkpoint (layer scope here;
-    # test_multinode restarts a network-scope run).
+    # test_hosts restarts a network-scope run after whole hosts are lost).
     starts = [attempt["start_epoch"] for attempt in read_jsonl(os.path.join(cfg.run.run_dir, "attempts.jsonl"))]
     assert len(starts) == 3 and starts[0] == 0 and all(start > 0 for start in starts[1:]), starts
     assert summary["attempts"] == 3

@@ -1,6 +1,6 @@
 """Object storage against a real S3 API (moto's server on 127.0.0.1), reached through AWS_* variables as
 users reach theirs: locations, the run directory and its mirror, prepared data in a bucket, and the
-clear errors of bad locations. Ray-free; the Ray runs on S3 are in test_multinode."""
+clear errors of bad locations. Ray-free; the Ray runs on S3 are in test_hosts."""
 
 from __future__ import annotations
 
