@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from sparsedist.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from sparsedist.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, newer_of, save_checkpoint
 
 
 def sample_state():
@@ -96,3 +96,17 @@ def test_a_crashed_save_leaves_staging_that_the_next_save_removes(tmp_path):
     os.makedirs(tmp_path / ".best.old.crashed2")
     save_checkpoint(sample_state(), tmp_path / "best")
     assert os.listdir(tmp_path) == ["best"]
+
+
+def test_a_restart_takes_a_newer_complete_checkpoint_than_the_registered_one_but_never_a_damaged_one(tmp_path):
+    registered = save_checkpoint(sample_state() | {"epoch": 1}, tmp_path / "epoch_00001")
+    assert newer_of(None, str(tmp_path))["epoch"] == 1  # nothing registered yet: the run directory's newest
+    assert newer_of(load_checkpoint(registered), str(tmp_path))["epoch"] == 1
+    newer = save_checkpoint(sample_state() | {"epoch": 2}, tmp_path / "epoch_00002")  # uploaded, not registered
+    assert newer_of(load_checkpoint(registered), str(tmp_path))["epoch"] == 2
+    assert newer_of(sample_state() | {"epoch": 4}, str(tmp_path))["epoch"] == 4  # registered is the newest
+    with open(os.path.join(newer, "state.pt"), "r+b") as handle:  # an upload cut short
+        handle.truncate(10)
+    assert newer_of(load_checkpoint(registered), str(tmp_path))["epoch"] == 1
+    assert newer_of(None, str(tmp_path))["epoch"] == 1  # the newest that verifies, not a fresh start
+    assert newer_of(None, str(tmp_path / "missing")) is None

@@ -147,11 +147,16 @@ def start_epochs(run_dir: str) -> list[int]:
     return [attempt["start_epoch"] for attempt in read_jsonl(storage.join(run_dir, "attempts.jsonl"))]
 
 
+def host_mirror(run_dir: str) -> str:
+    """Rank 0's node-local mirror of `run_dir` as a host sees it: under its own /tmp (whatever TMPDIR says here)."""
+    return os.path.join("/tmp", os.path.relpath(RunMirror(run_dir).local, tempfile.gettempdir()))
+
+
 def rank_hosts(cluster: HostCluster, run_dir: str) -> dict[int, str]:
     """rank -> host name, from the pid file each rank writes on its own host (the newest per rank)."""
     found: dict[int, tuple[float, str]] = {}
     for name, host in cluster.hosts.items():
-        for path in host.listing(os.path.join(RunMirror(run_dir).local, "pids")):
+        for path in host.listing(os.path.join(host_mirror(run_dir), "pids")):
             if "/rank" in path:
                 rank = int(os.path.basename(path).removeprefix("rank").removesuffix(".pid"))
                 written = float(host.run("stat", "-c", "%.9Y", path).stdout)

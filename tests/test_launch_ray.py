@@ -19,7 +19,6 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from sparsedist import storage
 from sparsedist.config import ScalingConfig, load_config
 from sparsedist.launch.cluster import ClusterError, ray_session
 from sparsedist.rundir import CONFIG_FILE, RunDirError
@@ -160,21 +159,17 @@ def test_embedded_cluster_services_listen_only_on_loopback(reference):
     assert {pid for _, _, pid in exposed} <= {read_pid(run_dir, 0)}, exposed
 
 
-def registered(run_dir: str, epoch: int) -> bool:
-    """Ray Train has registered the checkpoint of `epoch` (registration lags the save by seconds)."""
-    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    return storage.is_file(snapshot) and checkpoint_name(epoch) in storage.read_bytes(snapshot).decode()
-
-
 def kill_rank_in_epochs(run_dir: str, epochs: list[int], rank: int, killed: list[int]) -> None:
     """SIGKILL `rank` once a step of each of `epochs` shows in metrics.jsonl and the previous epoch's
-    checkpoint is registered (so the restart must resume from it), each time in a new attempt."""
+    checkpoint is complete in the run directory (so the restart must resume from it, whether Ray registered
+    it or not), each time in a new attempt."""
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.monotonic() + 300
     pending = list(epochs)
     while pending and time.monotonic() < deadline:
         pid = read_pid(run_dir, rank) if os.path.exists(os.path.join(run_dir, "pids", f"rank{rank}.pid")) else None
-        if pid is not None and pid not in killed and os.path.exists(path) and registered(run_dir, pending[0] - 1) and any(
+        if pid is not None and pid not in killed and os.path.exists(path) and os.path.isfile(
+                os.path.join(run_dir, checkpoint_name(pending[0] - 1), "COMPLETE")) and any(
                 r["kind"] == "step" and r["epoch"] >= pending[0] for r in read_jsonl(path)):
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)

@@ -33,8 +33,7 @@ from sparsedist.provenance import banner, provenance
 from sparsedist.rundir import (ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror,
                                record_failure)
 from sparsedist.tracking import tracking_sinks
-from sparsedist.train.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_checkpoint,
-                                        save_checkpoint)
+from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, newer_of, save_checkpoint
 from sparsedist.train.distributed import gather_failures
 from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
 
@@ -60,12 +59,9 @@ def record_pid(directory: str, rank: int, node_id: str) -> None:
 
 
 def restored_state(run_dir: str) -> dict[str, Any] | None:
-    """The newest complete checkpoint of this run (after a restart or a relaunch), else None.
+    """The newest complete checkpoint of this run (after a restart or a relaunch), else None: Ray's registered
+    one, or a newer one already complete in the run directory (`newer_of`).
 
-    Ray gives the latest checkpoint it registered, and registration lags the upload by seconds: a host lost
-    in between would cost every epoch since. A newer epoch checkpoint already complete in the run directory
-    (rank 0 publishes the run files before it reports one) is taken instead; one that does not verify (an
-    upload cut short) is passed over for Ray's. Both load identically on every rank.
     Loaded on the CPU whatever the device: the RNG states must stay CPU byte tensors, and the loop's
     load_state_dict calls move model and optimizer state onto the model's device.
     """
@@ -75,17 +71,7 @@ def restored_state(run_dir: str) -> dict[str, Any] | None:
         with checkpoint.as_directory() as directory:
             # The epoch and step come from the checkpoint's contents, not from Ray's bookkeeping.
             state = load_checkpoint(directory)
-    newest = latest_checkpoint(run_dir)
-    if newest is None or (state is not None and storage.parent_and_name(newest)[1] <= checkpoint_name(state["epoch"])):
-        return state
-    try:
-        with storage.local_view(newest) as directory:
-            newer = load_checkpoint(directory)
-    except (CheckpointError, OSError) as error:
-        log.warning(f"  {newest} is not a complete checkpoint ({error}); resuming from Ray's registered one")
-        return state
-    log.info(f"  resuming from {newest}, newer than the checkpoint Ray registered")
-    return newer
+    return newer_of(state, run_dir)
 
 
 def should_checkpoint(cfg: Config, epoch: int) -> bool:

@@ -10,15 +10,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from sparsedist import storage
 from sparsedist.atomic import fsync_path, remove_stale_siblings, replace_directory, staging_sibling
+
+log = logging.getLogger("sparsedist")
 
 STATE_FILE = "state.pt"
 MARKER_FILE = "COMPLETE"
@@ -118,11 +121,38 @@ def checkpoint_name(epoch: int) -> str:
     return f"epoch_{epoch:05d}"
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete `epoch_*` checkpoint directory under root, a path or a storage URI, found by
-    listing (damaged ones raise on load, not here)."""
+def complete_checkpoints(root: str) -> Iterator[str]:
+    """The complete `epoch_*` checkpoint directories under root, a path or a storage URI, newest first, found
+    by listing (damaged ones raise on load, not here)."""
     if not storage.is_uri(root) and not os.path.isdir(root):
-        return None
+        return
     names = [name for name in storage.list_dir(root) if name.startswith("epoch_")]
-    return next((storage.join(root, name) for name in reversed(names)
-                 if storage.is_file(storage.join(root, name, MARKER_FILE))), None)
+    yield from (storage.join(root, name) for name in reversed(names)
+                if storage.is_file(storage.join(root, name, MARKER_FILE)))
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete `epoch_*` checkpoint directory under root, or None."""
+    return next(complete_checkpoints(root), None)
+
+
+def newer_of(state: dict[str, Any] | None, root: str) -> dict[str, Any] | None:
+    """`state` (a loaded checkpoint, or None), or the newest epoch checkpoint under `root` (a path or a storage
+    URI) that is newer and verifies.
+
+    Ray Train registers a checkpoint a moment after its upload, and resumes from the registered one: a host lost
+    in between would cost every epoch since. A newer checkpoint that does not verify (an upload cut short) is
+    passed over, with a warning, for the next older one.
+    """
+    for candidate in complete_checkpoints(root):
+        if state is not None and storage.parent_and_name(candidate)[1] <= checkpoint_name(state["epoch"]):
+            break
+        try:
+            with storage.local_view(candidate) as directory:
+                newer = load_checkpoint(directory)
+        except (CheckpointError, OSError) as error:
+            log.warning(f"  {candidate} is not a complete checkpoint ({error}); passed over")
+            continue
+        log.info(f"  resuming from {candidate}, newer than the registered checkpoint")
+        return newer
+    return state
