@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -105,6 +106,7 @@ class HostCluster:
         self.bridge = f"{self.tag}br"
         self.gateway = f"{self.prefix}.1"
         self.token = secrets.token_hex(32)
+        self._stages = tempfile.mkdtemp(prefix=f"{self.tag}-hosts-")  # where each host's /tmp is built (empty after)
         self.hosts: dict[str, Host] = {}  # the live ones
         self.made: list[Host] = []  # every host ever made, lost ones included: what close() deletes
         self._next_address = 10
@@ -149,10 +151,14 @@ class HostCluster:
         for args in (["addr", "add", f"{address}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
                      ["link", "set", "lo", "up"]):
             _ip("-n", namespace, *args)
-        # The project read-only, /tmp and /dev/shm private: what a node image and its own disk give.
-        script = (f"mount --bind {REPO} {REPO} && mount -o remount,bind,ro {REPO} && "
-                  "mount -t tmpfs -o mode=1777 tmpfs /tmp && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && "
-                  "mkdir /tmp/home && echo ready && exec sleep infinity")
+        # /tmp and /dev/shm private, the project read-only at its own path: what its own disk and a node image
+        # give. The new /tmp is built aside and moved into place, so a project under /tmp (a CI clone) stays.
+        stage = tempfile.mkdtemp(prefix=f"{self.tag}-{name}-", dir=self._stages)
+        inside = os.path.join(stage, os.path.relpath(REPO, "/tmp")) if REPO.is_relative_to("/tmp") else str(REPO)
+        script = (f"mount -t tmpfs -o mode=1777 tmpfs {stage} && mkdir -p {inside} {stage}/home && "
+                  f"mount --bind {REPO} {inside} && mount -o remount,bind,ro {inside} && "
+                  f"mount --move {stage} /tmp && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && "
+                  "echo ready && exec sleep infinity")
         anchor = subprocess.Popen(["ip", "netns", "exec", namespace, "unshare", "-m", "--propagation", "private",
                                    "sh", "-c", script], stdout=subprocess.PIPE, text=True)
         if anchor.stdout.readline().strip() != "ready":
@@ -201,5 +207,6 @@ class HostCluster:
             subprocess.run(["ip", "netns", "del", host.name], capture_output=True)
             subprocess.run(["ip", "link", "del", host.link], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+        shutil.rmtree(self._stages, ignore_errors=True)
         self.hosts.clear()
         self.made.clear()
