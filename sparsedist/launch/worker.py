@@ -39,13 +39,13 @@ from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
 
 log = logging.getLogger("sparsedist")
 
-# Failures every rank meets at the same point (the loss is all-reduced; every rank loads the same
-# checkpoint and config; a start-up failure on any rank is shared): a restart would replay them, so they end the
-# run instead of failing the worker.
 class StartError(RuntimeError):
     """A rank could not read the run's start state or its data; every rank raises it together."""
 
 
+# Failures every rank meets at the same point (the loss is all-reduced; every rank loads the same
+# checkpoint and config; a start-up failure on any rank is shared): a restart would replay them, so they end the
+# run instead of failing the worker.
 DETERMINISTIC_ERRORS = (NonFiniteLossError, CheckpointError, ConfigError, StartError)
 
 

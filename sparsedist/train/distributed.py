@@ -23,8 +23,7 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 def gather_failures(failure: str | None) -> list[str]:
     """Every rank's failure message (None where it succeeded) gathered on every rank: the ranks decide together
     to stop, instead of the healthy ones waiting in their next collective until the process group times out."""
-    if world()[1] == 1:
-        return [failure] if failure is not None else []
-    failures: list[str | None] = [None] * world()[1]
-    dist.all_gather_object(failures, failure)
+    failures: list[str | None] = [failure] * world()[1]
+    if len(failures) > 1:
+        dist.all_gather_object(failures, failure)
     return [message for message in failures if message is not None]
