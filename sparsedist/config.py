@@ -72,7 +72,8 @@ class DataConfig(Section):
     )
     download: bool = Field(True, description="Allow torchvision to download the dataset when no local copy exists.")
     val_fraction: float = Field(
-        0.1, ge=0.0, lt=0.5, description="Fraction of the training set held out (seeded, fixed) for model selection."
+        0.1, ge=0.0, lt=0.5, description="Fraction of the training set held out (seeded, fixed) for model selection; "
+        "0 under eval.selection paper (every training image is trained on).",
     )
     val_seed: int = Field(0, ge=0, description="Seed of the validation holdout permutation.")
     augment: bool = Field(False, description="Random crop (pad 4) and horizontal flip in torch with a seeded generator; the paper uses none.")
@@ -101,6 +102,12 @@ class ModelConfig(Section):
     head_init: Literal["kaiming", "torch"] = Field(
         "kaiming", description="Classifier weights: kaiming = kaiming-normal, linear gain (the released script); "
         "torch = PyTorch's default uniform. The bias starts at zero either way.",
+    )
+    norm_output: Literal["promoted", "input"] = Field(
+        "promoted", description="Dtype of every RMSNorm's output, hence of the ReLU and the top-k after it: promoted = "
+        "what type promotion makes of the released script's norm (fp32 under bf16/fp16 autocast, where its statistics "
+        "and parameters are fp32); input = the input's dtype (bf16/fp16 sites: half the memory traffic, top-k on "
+        "rounded values).",
     )
 
     @model_validator(mode="after")
@@ -174,10 +181,12 @@ class AdaptiveControllerConfig(ControllerCommon):
     keep_max: float = Field(1.0, gt=0.0, le=1.0, description="Ceiling rho_max for relaxing.")
     tighten_pct: float = Field(0.02, ge=0.0, lt=1.0, description="Tighten: rho <- max(rho_min, rho * (1 - tighten_pct)).")
     relax_step: float = Field(0.03, ge=0.0, le=1.0, description="Base relax increment of rho.")
-    max_relax_jump: float = Field(0.03, ge=0.0, le=1.0, description="Cap on one relax increment (1.0 = full reset to dense).")
+    max_relax_jump: float = Field(
+        0.03, ge=0.0, le=1.0, description="Cap on one relax increment (1.0 = full reset to dense; 0 = no cap, as in the "
+        "released script).")
     relax_gain: float = Field(1.5, ge=0.0, description="How fast the relax increment grows with the excess drop.")
     ema_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the global batch accuracy.")
-    drop_tol: float = Field(0.12, gt=0.0, lt=1.0, description="Relax when best EMA - EMA exceeds this.")
+    drop_tol: float = Field(0.01, gt=0.0, lt=1.0, description="Relax when best EMA - EMA exceeds this.")
     cooldown: int = Field(3, ge=0, description="Decisions without tightening after a relax.")
     interval: int = Field(50, ge=1, description="Batches between decisions N.")
     interval_epochs: float | None = Field(None, description="If set, the decision interval as a fraction of an epoch (overrides interval).")
@@ -209,6 +218,10 @@ class OptimConfig(Section):
     nesterov: bool = Field(True, description="Nesterov momentum (needs momentum > 0).")
     weight_decay: float = Field(0.0, ge=0.0, description="L2 weight decay.")
     schedule: Literal["cosine", "step", "constant"] = Field("cosine", description="Learning-rate schedule over all training steps.")
+    schedule_every: Literal["step", "epoch"] = Field(
+        "step", description="How often the schedule moves: every optimizer step, or once per epoch (the released "
+        "script's CosineAnnealingLR(T_max=epochs); warm-up then counts whole epochs).",
+    )
     step_milestones: list[float] = Field(
         [0.5, 0.75], description="step schedule: fractions of training at which lr is multiplied by step_gamma."
     )
@@ -237,7 +250,11 @@ class TrainConfig(Section):
     epochs: int = Field(500, ge=1, description="Training epochs.")
     batch_size: int = Field(128, ge=1, description="Global batch size, split evenly over scaling.num_workers.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cap on training steps per epoch (short smoke runs).")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only; fp32 on CPU).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Training autocast dtype (CUDA only; CPU computes in fp32). fp16 adds dynamic loss scaling "
+        "(torch.amp.GradScaler's rule, on CPU too): an overflowing step is skipped on every replica and the scale halves.",
+    )
+    loss_scale_init: float = Field(2.0**16, gt=0.0, description="fp16: the starting loss scale (GradScaler's default).")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA.")
     compile: bool = Field(
         False, description="torch.compile the training model with its sparsity sites (rho and tau are read from "
@@ -257,7 +274,17 @@ class EvalConfig(Section):
     every_epochs: int = Field(1, ge=1, description="Epochs between evaluations (the last epoch always evaluates).")
     batch_size: int = Field(500, ge=1, description="Evaluation batch size per worker.")
     select_keep_ratio: float = Field(
-        1.0, description="Model selection: the checkpoint with the best validation accuracy at this keep ratio."
+        1.0, description="Model selection: the checkpoint with the best accuracy at this keep ratio (validation under "
+        "heldout, test under paper)."
+    )
+    selection: Literal["heldout", "paper"] = Field(
+        "heldout", description="heldout: select on a validation split held out of training (data.val_fraction > 0; the "
+        "sound choice for studies). paper: train on every training image and select by test accuracy, as the released "
+        "script does (its numbers are best-on-test); everything it selects is labelled so.",
+    )
+    precision: Literal["train", "fp32", "bf16", "fp16"] = Field(
+        "train", description="Evaluation autocast dtype (CUDA only): train = train.precision; the released script "
+        "evaluates in fp32.",
     )
 
     @model_validator(mode="after")
@@ -335,11 +362,17 @@ class Config(Section):
         if self.data.loader_workers is None:
             # Loader threads follow the worker's allotment (Ray sets torch's threads to it too).
             self.data.loader_workers = max(1, int(self.scaling.cpus_per_worker))
+        problems = []
         if self.train.batch_size % self.scaling.num_workers:
-            raise_field_errors(
-                "config",
-                [("train.batch_size", f"must be divisible by scaling.num_workers ({self.scaling.num_workers})", self.train.batch_size)],
-            )
+            problems.append(("train.batch_size", f"must be divisible by scaling.num_workers ({self.scaling.num_workers})",
+                             self.train.batch_size))
+        if self.eval.selection == "heldout" and self.data.val_fraction == 0:
+            problems.append(("data.val_fraction", "eval.selection heldout selects on a validation split: set it > 0 "
+                             "(or eval.selection: paper to train on every image and select on test)", 0.0))
+        if self.eval.selection == "paper" and self.data.val_fraction > 0:
+            problems.append(("data.val_fraction", "eval.selection paper trains on every training image: set it to 0",
+                             self.data.val_fraction))
+        raise_field_errors("config", problems)
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -2,15 +2,28 @@
 
 The training loop emits plain-dict records:
   step  -> {"kind": "step", "epoch", "step", "loss", "accuracy", "keep_ratio", "threshold",
-            "realized_keep", "event", "lr", "skipped", "density": {site: fraction}}
+            "realized_keep", "event", "lr", "skipped", "density": {site: fraction},
+            fp16 only: "loss_scale" (the scale the step ran with), "overflow" (its update was skipped)}
   epoch -> {"kind": "epoch", "epoch", "step", "train_loss", "train_accuracy", "keep_ratio",
             "threshold", "realized_keep", "events": {event: count}, "lr", "epoch_time_s", "at_chance",
-            "images_per_sec", "nonfinite_steps", "is_best", "best_val_accuracy",
+            "images_per_sec", "nonfinite_steps", "overflow_steps", "is_best", "selection",
+            "best_val_accuracy", "best_test_accuracy",
             "eval": {"val": {"1.00": acc, ...}, "test": {...}},
+            "eval_current": {"keep_ratio": rho, "val": acc or None, "test": acc},
             "calibration": {"0.10": {"threshold", "realized_keep", "iterations", "converged"}}}
+`eval` and `calibration` are `{}` on epochs that do not evaluate, and so is `eval_current` (the model
+evaluated at the training keep ratio of the epoch's end; absent in older runs, like `best_test_accuracy`).
+`best_val_accuracy` is set under the held-out selection protocol, `best_test_accuracy` under the paper's.
 Regime keys are `regime_key(rho)` ("0.10", "0.025": unique per rho). Sinks take `write(record)` and `close()`: JsonLinesSink
 (metrics.jsonl, the run's history) and TensorBoardSink. The driver follows metrics.jsonl with
 JsonLinesTail and shows it as a ProgressLine.
+
+Metric names: flat names (`flatten_epoch`: Ray report, Tune; `tensorboard_scalars`: MLflow) give every
+regime its own name, `eval/<split>/accuracy/keep_<rho>` and `.../keep_training`. TensorBoard instead
+(`tensorboard_runs`) gives every regime its own run inside the log dir, `keep_<rho>/` and `keep_training/`,
+under shared tags (`eval/<split>/accuracy`, `eval/keep_ratio`, `eval/calibration/realized_keep`), so one
+chart overlays them in distinct colours. A regime's flat name is its TensorBoard tag + "/" + its run
+(`eval/keep_ratio`, constant per regime, is TensorBoard's only).
 """
 
 from __future__ import annotations
@@ -62,7 +75,10 @@ def read_jsonl(location: str) -> list[dict[str, Any]]:
 
 
 def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
-    """An epoch record as flat `train/...`, `eval/<split>/accuracy/keep_<rho>` scalars (Ray report, Tune, TensorBoard)."""
+    """An epoch record as flat `train/...`, `eval/<split>/accuracy/keep_<rho>` scalars (Ray report, Tune,
+    MLflow): the model at the training keep ratio is `eval/<split>/accuracy/keep_training`, the selection
+    protocol's best dense accuracy so far `eval/val/best_accuracy` (held-out) or `eval/test/best_accuracy`
+    (paper)."""
     flat = {
         "epoch": record["epoch"],
         "step": record["step"],
@@ -74,12 +90,14 @@ def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
         "train/lr": record["lr"],
         "train/images_per_sec": record["images_per_sec"],
         "train/nonfinite_steps": record["nonfinite_steps"],
+        "train/overflow_steps": record.get("overflow_steps", 0),  # absent in runs before fp16 existed
     }
-    for split, accuracies in record.get("eval", {}).items():
-        for key, accuracy in accuracies.items():
-            flat[f"eval/{split}/accuracy/keep_{key}"] = accuracy
-    if record.get("best_val_accuracy") is not None:
-        flat["eval/val/best_accuracy"] = record["best_val_accuracy"]
+    for (run, tag), value in regime_scalars(record).items():
+        if tag not in (KEEP_RATIO_TAG, CALIBRATION_TAG):  # the accuracies; a regime's keep ratio is in its name
+            flat[f"{tag}/{run}"] = value
+    for split in ("val", "test"):
+        if record.get(f"best_{split}_accuracy") is not None:
+            flat[f"eval/{split}/best_accuracy"] = record[f"best_{split}_accuracy"]
     return flat
 
 
@@ -116,28 +134,66 @@ class JsonLinesTail:
 
 
 # ------------------------------------------------------------------------------ TensorBoard
-# One chart with every regime's accuracy per split, beside the requested and realized keep ratio.
+# TensorBoard runs inside a run's log dir: "" is the main run (train/*, epoch/*, controller/*, sparsity/*,
+# best accuracies, hparams); each evaluated regime is `keep_<regime_key>` and the model at the training
+# keep ratio `keep_training`, all under the shared tags below.
+MAIN_RUN = ""
+TRAINING_RUN = "keep_training"
+ACCURACY_TAG = "eval/{split}/accuracy"
+KEEP_RATIO_TAG = "eval/keep_ratio"  # each regime run's rho (flat), keep_training's the training rho
+CALIBRATION_TAG = "eval/calibration/realized_keep"  # network scope: the keep the regime's tau realizes
+
+
+def regime_run(key: str) -> str:
+    """The TensorBoard run of the regime with regime key `key` ("keep_0.10")."""
+    return f"keep_{key}"
+
+
+# The custom-scalars page: each split's accuracy (one line per regime run and keep_training, each its
+# run's colour) beside the requested and realized keep ratio. The time-series tab has the same overlays
+# as cards, one per tag; this page puts the three side by side.
 REGIME_LAYOUT = {
     "regimes": {
-        "validation accuracy at every keep ratio": ["Multiline", [r"eval/val/accuracy/keep_.*"]],
-        "test accuracy at every keep ratio": ["Multiline", [r"eval/test/accuracy/keep_.*"]],
-        "keep ratio: requested and realized": ["Multiline", [r"train/keep_ratio", r"train/realized_keep"]],
+        "test accuracy: every regime and the training keep ratio": ["Multiline", [r"^eval/test/accuracy$"]],
+        "validation accuracy: every regime and the training keep ratio": ["Multiline", [r"^eval/val/accuracy$"]],
+        "keep ratio: requested and realized": ["Multiline", [r"^train/keep_ratio$", r"^train/realized_keep$"]],
     }
 }
 QUIET_EVENTS = ("hold", "warmup")  # controller decisions that change nothing and are not marked
 
 
+def regime_scalars(record: dict[str, Any]) -> dict[tuple[str, str], float]:
+    """(TensorBoard run, tag) -> value for an epoch record's per-regime scalars: each regime's and the
+    training keep ratio's accuracy per split, its keep ratio (`KEEP_RATIO_TAG`) and, in network scope, the
+    keep its calibrated threshold realizes. Epochs that did not evaluate have none."""
+    scalars: dict[tuple[str, str], Any] = {}
+    for split, accuracies in record.get("eval", {}).items():
+        for key, accuracy in accuracies.items():
+            scalars[(regime_run(key), ACCURACY_TAG.format(split=split))] = accuracy
+            scalars[(regime_run(key), KEEP_RATIO_TAG)] = float(key)
+    current = record.get("eval_current") or {}
+    for split in ("val", "test"):
+        if current.get(split) is not None:
+            scalars[(TRAINING_RUN, ACCURACY_TAG.format(split=split))] = current[split]
+            scalars[(TRAINING_RUN, KEEP_RATIO_TAG)] = current["keep_ratio"]
+    for key, calibration in record.get("calibration", {}).items():
+        scalars[(regime_run(key), CALIBRATION_TAG)] = calibration["realized_keep"]
+    return {run_tag: float(value) for run_tag, value in scalars.items() if value is not None}
+
+
 def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
-    """TensorBoard tag -> value for one record, all placed at the record's global step.
+    """Flat metric name -> value for one record, all placed at the record's global step (MLflow's names,
+    which has no sub-runs; TensorBoard itself splits them into runs with `tensorboard_runs`).
 
     Step records give `train/*`, `sparsity/density/<site>` and a `controller/<event>` marker (value: the
-    keep ratio the decision was taken at). Epoch records give `eval/{val,test}/accuracy/keep_<rho>`,
+    keep ratio the decision was taken at). Epoch records give `eval/{val,test}/accuracy/keep_<rho>` (and
+    `.../keep_training`), `eval/calibration/realized_keep/keep_<rho>`, `eval/{val,test}/best_accuracy`,
     epoch means as `epoch/*` (so they do not mix into the per-step `train/*` curves) and
     `controller/events/<event>` counts.
     """
     scalars: dict[str, Any] = {}
     if record["kind"] == "step":
-        for key in ("loss", "accuracy", "keep_ratio", "threshold", "realized_keep", "lr"):
+        for key in ("loss", "accuracy", "keep_ratio", "threshold", "realized_keep", "lr", "loss_scale"):
             scalars[f"train/{key}"] = record.get(key)
         for site, density in (record.get("density") or {}).items():
             scalars[f"sparsity/density/{site}"] = density
@@ -151,10 +207,23 @@ def tensorboard_scalars(record: dict[str, Any]) -> dict[str, float]:
                 scalars[key] = value
         for event, count in record.get("events", {}).items():
             scalars[f"controller/events/{event}"] = count
-        for key, calibration in record.get("calibration", {}).items():
-            scalars[f"eval/calibration/realized_keep/keep_{key}"] = calibration["realized_keep"]
+        for (run, tag), value in regime_scalars(record).items():
+            if tag == CALIBRATION_TAG:
+                scalars[f"{tag}/{run}"] = value
     # A threshold is None in layer scope; a skipped step has no loss.
     return {tag: float(value) for tag, value in scalars.items() if value is not None}
+
+
+def tensorboard_runs(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """TensorBoard run (`MAIN_RUN`, a regime's run, `TRAINING_RUN`) -> tag -> value for one record: the
+    per-regime scalars in their runs under shared tags, everything else in the main run under its flat name."""
+    runs: dict[str, dict[str, float]] = {}
+    per_regime = regime_scalars(record) if record["kind"] == "epoch" else {}
+    for (run, tag), value in per_regime.items():
+        runs.setdefault(run, {})[tag] = value
+    moved = {f"{tag}/{run}" for run, tag in per_regime}
+    main = {tag: value for tag, value in tensorboard_scalars(record).items() if tag not in moved}
+    return {MAIN_RUN: main, **runs}
 
 
 def flatten_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -172,32 +241,52 @@ def flatten_hparams(data: dict[str, Any], prefix: str = "") -> dict[str, bool | 
 
 
 class TensorBoardSink:
-    """Rank 0's TensorBoard run (tags: `tensorboard_scalars`, layout: `REGIME_LAYOUT`).
+    """Rank 0's TensorBoard runs: the main run in `log_dir`, and one run per regime (and `keep_training`)
+    in its subdirectories, created as they first appear (tags: `tensorboard_runs`, layout: `REGIME_LAYOUT`).
+    `tensorboard --logdir` on the run directory's parent still groups them under each run directory.
 
     `purge_step`: on resume, the first step that will be redone; TensorBoard hides events written at or
-    after it by the interrupted attempt.
+    after it by the interrupted attempt, in every run of the log dir. A fresh attempt purges from step 0
+    (an earlier attempt that died before its first checkpoint is hidden too), and writing that first
+    purge marker matters: TensorBoard's Python loader (`--load_fast=false`) takes a run's first marker
+    for its start and only later ones for restarts. The default Rust loader ignores the markers and
+    replaces a tag's points from a step on when that step is written again: the redone epochs' values
+    replace the interrupted attempt's, but a tag the resumed attempt never writes again (a controller
+    event marker) keeps its stale points there.
     """
 
     def __init__(self, log_dir: str, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter  # rank 0 only: keeps other ranks' imports light
 
-        self.writer = SummaryWriter(log_dir, purge_step=purge_step)
+        self._summary_writer, self.log_dir = SummaryWriter, log_dir
+        self.purge_step = 0 if purge_step is None else purge_step
+        self.writer = SummaryWriter(log_dir, purge_step=self.purge_step)
         self.writer.add_custom_scalars(REGIME_LAYOUT)
+        self.writers = {MAIN_RUN: self.writer}
+
+    def _writer(self, run: str):
+        if run not in self.writers:
+            # Each writer is created with the purge step: a resumed run hides the redone steps in every run.
+            self.writers[run] = self._summary_writer(os.path.join(self.log_dir, run), purge_step=self.purge_step)
+        return self.writers[run]
 
     def write(self, record: dict[str, Any]) -> None:
-        for tag, value in tensorboard_scalars(record).items():
-            self.writer.add_scalar(tag, value, record["step"])
+        for run, scalars in tensorboard_runs(record).items():
+            for tag, value in scalars.items():
+                self._writer(run).add_scalar(tag, value, record["step"])
 
     def write_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], step: int) -> None:
-        # run_name="." keeps the hparams in this run instead of a new timestamped sub-run.
+        # run_name="." keeps the hparams in the main run instead of a new timestamped sub-run.
         self.writer.add_hparams(flatten_hparams(hparams), metrics, run_name=".", global_step=step)
         self.writer.flush()
 
     def flush(self) -> None:
-        self.writer.flush()
+        for writer in self.writers.values():
+            writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        for writer in self.writers.values():
+            writer.close()
 
 
 # --------------------------------------------------------------------------------- progress

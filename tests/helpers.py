@@ -28,7 +28,8 @@ def tiny_config(*overrides: str) -> Config:
 def loaders_for(cfg: Config, rank: int = 0, world_size: int = 1, train_count: int = 256,
                 device: torch.device = torch.device("cpu")):
     return tensor_loaders(
-        SPEC, learnable_tensors(train_count, seed=1), learnable_tensors(64, seed=3), val=learnable_tensors(64, seed=2),
+        SPEC, learnable_tensors(train_count, seed=1), learnable_tensors(64, seed=3),
+        val=learnable_tensors(64, seed=2) if cfg.data.val_fraction > 0 else None,
         batch_size=cfg.train.batch_size, eval_batch_size=64, rank=rank, world_size=world_size, seed=cfg.run.seed,
         device=device,
         calibration_batches=cfg.sparsity.calibration_batches, max_steps_per_epoch=cfg.train.max_steps_per_epoch,

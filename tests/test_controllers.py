@@ -103,11 +103,11 @@ def test_strategy2_relax_is_a_full_reset_to_dense_then_three_cooldown_decisions(
     ]  # fmt: skip
 
 
-def test_strategy1_preset_relaxes_by_at_most_one_relax_step():
+def test_strategy1_preset_relaxes_on_a_one_point_drop_by_at_most_one_relax_step():
     controller = build_controller(load_config("paper-s1", ["controller.interval=1"]).controller, 100)
-    # EMA (beta 0.9): 1, 0.9 (drop 0.1 <= 0.12: tighten), 0.81 (drop 0.19: relax). The growth factor
-    # 1 + 1.5 * 0.07 / 0.12 = 1.875 would give 0.05625, but max_relax_jump caps it at relax_step 0.03.
-    assert trajectory(controller, [1.0, 0.0, 0.0]) == [
+    # EMA (beta 0.9): 1, 0.999 (drop 0.001 <= drop_tol 0.01: tighten), 0.9891 (drop 0.0109: relax). The
+    # growth factor 1 + 1.5 * 0.0009 / 0.01 = 1.135 would give 0.03405, but max_relax_jump caps it at 0.03.
+    assert trajectory(controller, [1.0, 0.99, 0.9]) == [
         (0.98, TIGHTEN), (0.98 * 0.98, TIGHTEN), (0.98 * 0.98 + 0.03, RELAX),
     ]  # fmt: skip
 
@@ -126,8 +126,9 @@ def test_gradual_relax_grows_with_drop_until_max_relax_jump_and_stops_at_keep_ma
     ]  # fmt: skip
 
 
-def test_relax_growth_is_capped_at_five_relax_steps():
-    controller = build_controller(exact_adaptive(keep_init=0.25, keep_min=0.25, max_relax_jump=1.0), 100)
+@pytest.mark.parametrize("max_relax_jump", [1.0, 0.0])  # 0: no cap, as in the released script
+def test_relax_growth_is_capped_at_five_relax_steps(max_relax_jump):
+    controller = build_controller(exact_adaptive(keep_init=0.25, keep_min=0.25, max_relax_jump=max_relax_jump), 100)
     # 1: EMA 1, tighten would give 0.125 but keep_min holds 0.25.
     # 2: EMA 0.5, drop 0.5, growth 4 -> +0.25 = 0.5.
     # 3: EMA 0.25, drop 0.75, growth 6 capped at 5 -> +0.3125 = 0.8125 (uncapped: 0.875).

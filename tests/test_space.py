@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsedist.config import load_config, load_source
+from sparsedist.config import apply_overrides, load_config, load_source
 from sparsedist.launch.space import (
     MAX_CORNER_COMBINATIONS, SpaceError, check_space, config_paths, load_space, parse_space,
 )
@@ -15,11 +15,21 @@ def problem_paths(error: SpaceError) -> list[str]:
     return [path for path, _, _ in error.problems]
 
 
+HELDOUT = ["eval.selection=heldout", "data.val_fraction=0.1"]  # a study over a paper preset
+
+
 @pytest.mark.parametrize("space_file", SPACES, ids=[p.stem for p in SPACES])
-@pytest.mark.parametrize("base", ["smoke", "paper-s2"])
-def test_shipped_spaces_pass_validation_over_adaptive_presets(space_file, base):
-    configs = check_space(load_space(str(space_file)), load_source(base), METRIC)
+@pytest.mark.parametrize("base, overrides", [("smoke", []), ("paper-s2", HELDOUT)], ids=["smoke", "paper-s2"])
+def test_shipped_spaces_pass_validation_over_adaptive_presets(space_file, base, overrides):
+    configs = check_space(load_space(str(space_file)), apply_overrides(load_source(base), overrides), METRIC)
     assert configs
+
+
+def test_a_validation_metric_over_a_paper_preset_asks_for_a_heldout_split():
+    with pytest.raises(SpaceError) as caught:
+        check_space(parse_space({"run.seed": {"grid": [0, 1]}}), load_source("paper-s2"), METRIC)
+    assert problem_paths(caught.value) == ["eval.selection"]
+    assert "--set eval.selection=heldout --set data.val_fraction=0.1" in caught.value.format()
 
 
 def test_required_spaces_are_shipped():

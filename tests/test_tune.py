@@ -53,7 +53,8 @@ def write_space(directory: Path, text: str) -> str:
     ("controller.tighten: {uniform: [0.01, 0.1]}", [], "eval/val/accuracy/keep_1.00", "no such config path"),
     ("controller.keep_min: {uniform: [0.5, 1.5]}", [], "eval/val/accuracy/keep_1.00", "less than or equal to 1"),
     ("run.seed: {grid: [0, 1]}", [], "eval/val/accuracy/keep_0.10", "no trial reports this metric"),
-    ("run.seed: {grid: [0, 1]}", ["data.val_fraction=0.0"], "eval/val/accuracy/keep_1.00", "no trial reports"),
+    ("run.seed: {grid: [0, 1]}", ["data.val_fraction=0.0", "eval.selection=paper"], "eval/val/accuracy/keep_1.00",
+     "needs a validation split"),
 ])
 def test_bad_space_or_metric_is_one_error_before_anything_starts(tmp_path, space_text, overrides, metric, fragment):
     import ray

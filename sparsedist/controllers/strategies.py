@@ -8,6 +8,7 @@ Warm-up is not their business: `Controller` holds it back until warm-up ends.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from sparsedist.config import AdaptiveControllerConfig, CyclicControllerConfig
@@ -97,7 +98,8 @@ class AdaptiveStrategy:
     accuracy) and best <- max(best, ema); best is never reset. On the N-th, 2N-th, ... observed batch
     (counted from the end of warm-up) it decides, with drop = best - ema:
       - drop > drop_tol: relax, rho <- min(keep_max, rho + delta),
-        delta = min(relax_step * min(1 + relax_gain * (drop - drop_tol) / drop_tol, 5), max_relax_jump),
+        delta = min(relax_step * min(1 + relax_gain * (drop - drop_tol) / drop_tol, 5), max_relax_jump)
+        (a max_relax_jump of 0: no cap),
         and the next `cooldown` decisions only count down. The event is "reset" when rho lands on
         keep_max (with keep_max 1 that is back to dense), else "relax". A relax may happen during a
         cooldown; it restarts the cooldown.
@@ -136,7 +138,8 @@ class AdaptiveStrategy:
         drop = self.best_ema - self.ema
         if drop > cfg.drop_tol:
             growth = min(1 + cfg.relax_gain * (drop - cfg.drop_tol) / cfg.drop_tol, MAX_RELAX_MULTIPLIER)
-            self.keep_ratio = min(cfg.keep_max, self.keep_ratio + min(cfg.relax_step * growth, cfg.max_relax_jump))
+            jump_cap = cfg.max_relax_jump or math.inf  # 0 means no cap, as in the released script
+            self.keep_ratio = min(cfg.keep_max, self.keep_ratio + min(cfg.relax_step * growth, jump_cap))
             self.cooldown_left = cfg.cooldown
             return RESET if self.keep_ratio == cfg.keep_max else RELAX
         if self.cooldown_left:

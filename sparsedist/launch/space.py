@@ -250,7 +250,9 @@ def reported_metrics(cfg: Config) -> set[str]:
         "epoch": 0, "step": 0, "train_loss": 0.0, "train_accuracy": 0.0, "keep_ratio": 1.0, "threshold": None,
         "realized_keep": 1.0, "lr": 0.0, "images_per_sec": 0.0, "nonfinite_steps": 0,
         "eval": {"val": keep, "test": keep} if has_val else {"test": keep},
-        "best_val_accuracy": 0.0 if has_val else None,
+        "eval_current": {"keep_ratio": 1.0, "test": 0.0, **({"val": 0.0} if has_val else {})},
+        "best_val_accuracy": 0.0 if cfg.eval.selection == "heldout" else None,
+        "best_test_accuracy": 0.0 if cfg.eval.selection == "paper" else None,
     }
     return set(flatten_epoch(record))
 
@@ -273,7 +275,12 @@ def check_space(space: SearchSpace, base: dict[str, Any], metric: str) -> list[C
                 problems.setdefault((path, message), (path, f"{message} [when {sampled}]", value))
             continue
         configs.append(cfg)
-        if metric not in reported_metrics(cfg):
+        if metric.startswith("eval/val/") and cfg.eval.selection == "paper":
+            problems.setdefault(("metric", "paper"), (
+                "eval.selection", f"the sweep metric {metric} needs a validation split, and this base trains on every "
+                "image and selects on the test set (the paper protocol); a sweep should select on held-out data: "
+                "--set eval.selection=heldout --set data.val_fraction=0.1", cfg.eval.selection))
+        elif metric not in reported_metrics(cfg):
             choices = ", ".join(sorted(m for m in reported_metrics(cfg) if m.startswith("eval/")))
             problems.setdefault(("metric", ""), ("--metric", f"no trial reports this metric [when {sampled}]; "
                                                              f"evaluation metrics: {choices}", metric))

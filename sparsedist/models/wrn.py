@@ -7,7 +7,7 @@ blocks with two sites each, plus one before global pooling: 25 sites for WRN-28-
 The defaults are the released script's network exactly (5,849,050 parameters for WRN-28-4): RMSNorm
 with a learned gain and bias (eps 1e-8), projection shortcuts that read the raw block input, dropout
 (if any) right after the first convolution, and a kaiming-normal (linear) classifier with a zero bias.
-`norm_bias`, `shortcut` and `head_init` name the alternatives.
+`norm_bias`, `norm_output`, `shortcut` and `head_init` name the alternatives.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from torch.nn import functional as F
 
 SiteFactory = Callable[[str], nn.Module]
 ShortcutInput = Literal["raw", "activated"]
+NormOutput = Literal["promoted", "input"]
 HeadInit = Literal["kaiming", "torch"]
 
 
@@ -31,29 +32,34 @@ class ChannelRMSNorm(nn.Module):
     """RMSNorm over the channels of every pixel with a learned per-channel gain and, optionally, bias
     (no batch statistics, so a replica's output never depends on the other samples)."""
 
-    def __init__(self, channels: int, eps: float = 1e-8, bias: bool = True):
+    def __init__(self, channels: int, eps: float = 1e-8, bias: bool = True, output: NormOutput = "promoted"):
         super().__init__()
         self.eps = eps
+        self.output = output
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Statistics in fp32 whatever the autocast dtype: eps 1e-8 underflows in bf16.
         x32 = x.float()
-        normalized = (x32 * torch.rsqrt(x32.pow(2).mean(dim=1, keepdim=True) + self.eps)).to(x.dtype)
-        out = normalized * self.weight.view(1, -1, 1, 1).to(x.dtype)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(x.dtype)
+        # promoted: the dtype type promotion gives the released script's norm, whose fp32 statistics meet
+        # the input and the parameters: fp32 under autocast (parameters stay fp32), so the ReLU and the
+        # top-k after it run in fp32 too; a model cast to bf16 without autocast stays bf16.
+        dtype = torch.promote_types(x.dtype, self.weight.dtype) if self.output == "promoted" else x.dtype
+        normalized = (x32 * torch.rsqrt(x32.pow(2).mean(dim=1, keepdim=True) + self.eps)).to(dtype)
+        out = normalized * self.weight.view(1, -1, 1, 1).to(dtype)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(dtype)
 
 
 class PreActBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float, eps: float, norm_bias: bool,
-                 shortcut: ShortcutInput, make_site: SiteFactory, name: str):
+                 norm_output: NormOutput, shortcut: ShortcutInput, make_site: SiteFactory, name: str):
         super().__init__()
-        self.norm1 = ChannelRMSNorm(in_ch, eps, norm_bias)
+        self.norm1 = ChannelRMSNorm(in_ch, eps, norm_bias, norm_output)
         self.site1 = make_site(f"{name}.site1")
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.norm2 = ChannelRMSNorm(out_ch, eps, norm_bias)
+        self.norm2 = ChannelRMSNorm(out_ch, eps, norm_bias, norm_output)
         self.site2 = make_site(f"{name}.site2")
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         needs_projection = stride != 1 or in_ch != out_ch
@@ -81,6 +87,7 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         norm_eps: float = 1e-8,
         norm_bias: bool = True,
+        norm_output: NormOutput = "promoted",
         shortcut: ShortcutInput = "raw",
         head_init: HeadInit = "kaiming",
         make_site: SiteFactory = identity_site,
@@ -98,11 +105,11 @@ class WideResNet(nn.Module):
             for index in range(blocks_per_group):
                 name = f"group{group}.block{index}"
                 blocks.append(PreActBlock(in_ch, out_ch, stride if index == 0 else 1, dropout, norm_eps, norm_bias,
-                                          shortcut, make_site, name))
+                                          norm_output, shortcut, make_site, name))
                 in_ch = out_ch
             groups.append(nn.Sequential(*blocks))
         self.groups = nn.Sequential(*groups)
-        self.final_norm = ChannelRMSNorm(in_ch, norm_eps, norm_bias)
+        self.final_norm = ChannelRMSNorm(in_ch, norm_eps, norm_bias, norm_output)
         self.final_site = make_site("final.site")
         self.head = nn.Linear(in_ch, num_classes)
         self._init_weights(head_init)
@@ -131,6 +138,7 @@ def build_model(model_cfg, in_channels: int, num_classes: int, make_site: SiteFa
         num_classes=num_classes,
         norm_eps=model_cfg.norm_eps,
         norm_bias=model_cfg.norm_bias,
+        norm_output=model_cfg.norm_output,
         shortcut=model_cfg.shortcut,
         head_init=model_cfg.head_init,
         make_site=make_site,

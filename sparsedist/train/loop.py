@@ -13,9 +13,9 @@ import math
 import random
 import time
 from collections import Counter, deque
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity, StepStats
 from sparsedist.train.distributed import all_reduce_sum, world
 from sparsedist.train.host_copy import HostCopies
+from sparsedist.train.precision import LossScaler, autocast
 
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
 class EpochEnd:
     epoch: int  # 0-based epoch just finished
     record: dict[str, Any]  # the epoch record, identical on every rank
-    is_best: bool  # best validation accuracy at eval.select_keep_ratio so far
+    is_best: bool  # best selection accuracy (eval.selection's split, at eval.select_keep_ratio) so far
     state: Callable[[], dict[str, Any]]  # full checkpoint state as plain data
 
 
@@ -82,6 +83,7 @@ class _EpochTally:
     examples: float = 0.0
     realized_keep: float = 0.0
     nonfinite_steps: int = 0
+    overflow_steps: int = 0  # fp16: trained on (the controller saw them), update skipped by the loss scaler
     events: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -101,10 +103,13 @@ def scaled_lr(cfg: Config) -> float:
 
 
 def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step t: linear warm-up, then the schedule over the remaining steps."""
+    """Multiplier of the base lr at optimizer step t: linear warm-up, then the schedule over the remaining
+    ticks; a tick is a step, or an epoch under optim.schedule_every: epoch (the lr holds within an epoch)."""
     optim = cfg.optim
-    warmup = round(optim.warmup_epochs * steps_per_epoch)
-    span = max(1, cfg.train.epochs * steps_per_epoch - warmup)
+    steps_per_tick = steps_per_epoch if optim.schedule_every == "epoch" else 1
+    ticks_per_epoch = steps_per_epoch // steps_per_tick
+    warmup = round(optim.warmup_epochs * ticks_per_epoch)
+    span = max(1, cfg.train.epochs * ticks_per_epoch - warmup)
     if optim.schedule == "cosine":
         decay = lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
     elif optim.schedule == "step":
@@ -112,7 +117,8 @@ def lr_factor(cfg: Config, steps_per_epoch: int) -> Callable[[int], float]:
         decay = lambda t: optim.step_gamma ** sum(t >= m for m in milestones)
     else:
         decay = lambda t: 1.0
-    return lambda t: (t + 1) / warmup if t < warmup else decay(t - warmup)
+    per_tick = lambda tick: (tick + 1) / warmup if tick < warmup else decay(tick - warmup)
+    return lambda t: per_tick(t // steps_per_tick)
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
@@ -129,11 +135,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.SGD:
     return optimizer
 
 
-def autocast_for(cfg: Config, device: torch.device):
-    # bf16 autocast only on CUDA: CPU bf16 convolutions are slow and not what the paper ran.
-    if cfg.train.precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def eval_precision(cfg: Config) -> str:
+    return cfg.train.precision if cfg.eval.precision == "train" else cfg.eval.precision
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -155,7 +158,7 @@ def accuracy_on(model: nn.Module, batches: Iterable[Batch], cfg: Config, device:
     """Accuracy over this rank's batches, summed over replicas (each example counted once)."""
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for images, labels in batches:
-        with autocast_for(cfg, device):
+        with autocast(eval_precision(cfg), device):
             logits = model(images)
         counts[0] += (logits.argmax(dim=1) == labels).sum()
         counts[1] += labels.numel()
@@ -163,39 +166,62 @@ def accuracy_on(model: nn.Module, batches: Iterable[Batch], cfg: Config, device:
     return (counts[0] / counts[1].clamp(min=1)).item()
 
 
+@contextmanager
+def evaluating(model: nn.Module, sparsity: ActivationSparsity) -> Iterator[None]:
+    """Eval mode without step statistics; training's modes come back after."""
+    was_training, was_collecting = model.training, sparsity.collecting
+    model.eval()
+    sparsity.collecting = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        sparsity.collecting = was_collecting
+
+
+def eval_splits(loaders: Loaders) -> dict[str, Iterable[Batch]]:
+    return {"val": loaders.val, "test": loaders.test} if loaders.val is not None else {"test": loaders.test}
+
+
 @torch.no_grad()
 def evaluate_regimes(model: nn.Module, sparsity: ActivationSparsity, loaders: Loaders, cfg: Config,
                      device: torch.device) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
     """Per-regime accuracy on validation and test; in network scope tau is calibrated per regime first."""
-    was_training, was_collecting = model.training, sparsity.collecting
-    model.eval()
-    sparsity.collecting = False
-    splits = {"val": loaders.val, "test": loaders.test} if loaders.val is not None else {"test": loaders.test}
-    accuracies: dict[str, dict[str, float]] = {split: {} for split in splits}
-    calibration: dict[str, dict[str, Any]] = {}
-    for keep_ratio in cfg.eval.keep_ratios:
-        threshold = None
-        if sparsity.scope == "network" and keep_ratio < 1.0:
-            def run_calibration_forward() -> None:
-                for images, _ in loaders.calibration:
-                    with autocast_for(cfg, device):
-                        model(images)
+    with evaluating(model, sparsity):
+        splits = eval_splits(loaders)
+        accuracies: dict[str, dict[str, float]] = {split: {} for split in splits}
+        calibration: dict[str, dict[str, Any]] = {}
+        for keep_ratio in cfg.eval.keep_ratios:
+            threshold = None
+            if sparsity.scope == "network" and keep_ratio < 1.0:
+                def run_calibration_forward() -> None:
+                    for images, _ in loaders.calibration:
+                        with autocast(eval_precision(cfg), device):
+                            model(images)
 
-            result = sparsity.calibrate(
-                run_calibration_forward, keep_ratio, tolerance=cfg.sparsity.calibration_tolerance,
-                max_iters=cfg.sparsity.calibration_max_iters,
-            )
-            threshold = result.threshold
-            calibration[regime_key(keep_ratio)] = {
-                "threshold": result.threshold, "realized_keep": result.realized_keep,
-                "iterations": result.iterations, "converged": result.converged,
-            }
-        with sparsity.regime(keep_ratio, threshold=threshold):
-            for split, batches in splits.items():
-                accuracies[split][regime_key(keep_ratio)] = accuracy_on(model, batches, cfg, device)
-    model.train(was_training)
-    sparsity.collecting = was_collecting
-    return accuracies, calibration
+                result = sparsity.calibrate(
+                    run_calibration_forward, keep_ratio, tolerance=cfg.sparsity.calibration_tolerance,
+                    max_iters=cfg.sparsity.calibration_max_iters,
+                )
+                threshold = result.threshold
+                calibration[regime_key(keep_ratio)] = {
+                    "threshold": result.threshold, "realized_keep": result.realized_keep,
+                    "iterations": result.iterations, "converged": result.converged,
+                }
+            with sparsity.regime(keep_ratio, threshold=threshold):
+                for split, batches in splits.items():
+                    accuracies[split][regime_key(keep_ratio)] = accuracy_on(model, batches, cfg, device)
+        return accuracies, calibration
+
+
+@torch.no_grad()
+def evaluate_training_regime(model: nn.Module, sparsity: ActivationSparsity, loaders: Loaders, cfg: Config,
+                             device: torch.device) -> dict[str, float]:
+    """Accuracy at the keep ratio (and network-scope tau) training has reached, as the released script
+    evaluates every epoch: {"keep_ratio", "test", and "val" when there is a validation split}."""
+    with evaluating(model, sparsity):
+        accuracies = {split: accuracy_on(model, batches, cfg, device) for split, batches in eval_splits(loaders).items()}
+    return {"keep_ratio": sparsity.keep_ratio, **accuracies}
 
 
 def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequence[Sink] = (),
@@ -226,8 +252,10 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
     loss_fn = nn.CrossEntropyLoss()
+    scaler = LossScaler(cfg.train.loss_scale_init, device) if cfg.train.precision == "fp16" else None
+    select_split = "val" if cfg.eval.selection == "heldout" else "test"
 
-    start_epoch, step, best_val = 0, 0, None
+    start_epoch, step, best_selected = 0, 0, None
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -237,27 +265,35 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         controller.load_state_dict(resume_state["controller"])
         sparsity.load_state_dict(resume_state["sparsity"])
         set_rng_state(resume_state["rng"], device)
-        start_epoch, step, best_val = resume_state["epoch"] + 1, resume_state["step"], resume_state["best_val"]
+        if scaler is not None:
+            scaler.load_state_dict(resume_state["scaler"])
+        # "best_val" holds the best selection accuracy on either split (the key predates eval.selection)
+        start_epoch, step, best_selected = resume_state["epoch"] + 1, resume_state["step"], resume_state["best_val"]
 
     def checkpoint_state(epoch: int) -> dict[str, Any]:
         return {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "controller": controller.state_dict(), "sparsity": sparsity.state_dict(), "rng": rng_state(device),
-            "epoch": epoch, "step": step, "best_val": best_val, "config": cfg.model_dump_json(),
+            "epoch": epoch, "step": step, "best_val": best_selected, "config": cfg.model_dump_json(),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         }
 
     result = TrainResult(model=model, sparsity=sparsity, final_record=None, best_record=None)
     consecutive_nonfinite = 0
     # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
-    # non-finite flag, then `StepStats.numbers` (kept and value counts per site, tau).
-    host_copies = HostCopies(4 + 2 * len(sparsity.site_names) + 1, device)
+    # non-finite loss and gradient flags, the loss scale, then `StepStats.numbers` (kept and value
+    # counts per site, tau).
+    host_copies = HostCopies(6 + 2 * len(sparsity.site_names) + 1, device)
 
     def read_step(pending: _PendingStep, tally: _EpochTally) -> None:
         """The host's part of a step, once its numbers are read: the skip, the controller, the records."""
         nonlocal step, consecutive_nonfinite
-        loss_sum, correct, count, nonfinite, *statistics = host_copies.receive(pending.slot)
+        loss_sum, correct, count, loss_nonfinite, grads_nonfinite, loss_scale, *statistics = host_copies.receive(pending.slot)
         pending.stats.read_from(statistics)
-        if nonfinite:
+        # fp16: gradients that overflow the loss scale are routine; the batch still counts, as in the
+        # released script, whose controller sees every batch while GradScaler skips the update.
+        overflow = scaler is not None and bool(grads_nonfinite) and not loss_nonfinite
+        if (loss_nonfinite or grads_nonfinite) and not overflow:
             tally.nonfinite_steps += 1
             consecutive_nonfinite += 1
             record = {"kind": "step", "epoch": pending.epoch, "step": step, "skipped": True, "loss": None,
@@ -281,14 +317,16 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
                                "a strategy's next_observation_decides is wrong")
         sparsity.set_keep_ratio(decision.keep_ratio)
         tally.add(loss_sum, correct, count, decision.event, pending.stats.realized_keep)
+        tally.overflow_steps += overflow
         result.trajectory.append({"step": step, "keep_ratio": pending.keep_ratio, "event": decision.event,
                                   "threshold": pending.stats.threshold})
-        if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup"):
+        if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup") or overflow:
             record = {
                 "kind": "step", "epoch": pending.epoch, "step": step, "skipped": False, "loss": loss_sum / count,
                 "accuracy": accuracy, "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold,
                 "realized_keep": pending.stats.realized_keep, "event": decision.event, "lr": pending.lr,
                 "density": pending.stats.site_density,
+                **({"loss_scale": loss_scale, "overflow": overflow} if scaler is not None else {}),
             }
             for sink in sinks:
                 sink.write(record)
@@ -303,22 +341,26 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         queued: deque[_PendingStep] = deque()
         for images, labels in loaders.train:
             keep_used = sparsity.keep_ratio
-            with autocast_for(cfg, device):
+            with autocast(cfg.train.precision, device):
                 logits = trained(images)
                 loss = loss_fn(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
-            # step is then dropped on every rank alike (the flag is all-reduced). A finite loss can
-            # still give non-finite gradients, so both are checked.
-            loss.backward()
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            # step is then dropped on every rank alike (the flags are all-reduced). A finite loss can
+            # still give non-finite gradients (fp16: an overflow of the loss scale), so both are checked.
+            (loss if scaler is None else scaler.scale_loss(loss)).backward()
+            gradients = [p.grad for p in model.parameters() if p.grad is not None]
+            if scaler is not None:
+                scaler.unscale_(gradients)
+            grad_norm = torch.nn.utils.get_total_norm(gradients)
             batch = all_reduce_sum(torch.stack([
                 loss.detach().double() * labels.numel(),
                 (logits.detach().argmax(dim=1) == labels).sum().double(),
                 torch.full((), labels.numel(), dtype=torch.float64, device=device),  # a fill: no host copy
-                (~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).double(),
+                (~torch.isfinite(loss.detach())).double(),
+                (~torch.isfinite(grad_norm)).double(),
             ]))
-            skipped = batch[3] > 0
+            skipped = (batch[3] + batch[4]) > 0
             # The skip is decided on the device: the fused SGD step reads `found_inf` and leaves the
             # parameters and momentum untouched when it is set (torch.amp.GradScaler's mechanism;
             # as with it, the lr schedule advances on a skipped batch too).
@@ -327,9 +369,13 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
                 torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
             optimizer.step()
             scheduler.step()
+            loss_scale = torch.ones((), dtype=torch.float64, device=device)
+            if scaler is not None:
+                loss_scale = scaler.scale.double()  # the scale this step ran with
+                scaler.update(skipped)
             stats = sparsity.finish_step(skipped=skipped)
             queued.append(_PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
-                                       host_copies.send(torch.cat([batch, stats.numbers]))))
+                                       host_copies.send(torch.cat([batch, loss_scale.view(1), stats.numbers]))))
             # Read the steps before this one (the device has moved on to this one), and this one too
             # when the controller may change rho after it: the next batch must run at the decided rho.
             # Every other step is read one step late, and the device never waits for the host.
@@ -341,13 +387,14 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
 
         # ---- evaluate the per-regime grid
         last_epoch = epoch == cfg.train.epochs - 1
-        accuracies, calibration = {}, {}
+        accuracies, calibration, at_training_keep = {}, {}, {}
         if last_epoch or (epoch + 1) % cfg.eval.every_epochs == 0:
             accuracies, calibration = evaluate_regimes(model, sparsity, loaders, cfg, device)
-        val_accuracy = accuracies.get("val", {}).get(regime_key(cfg.eval.select_keep_ratio))
-        is_best = val_accuracy is not None and (best_val is None or val_accuracy > best_val)
+            at_training_keep = evaluate_training_regime(model, sparsity, loaders, cfg, device)
+        selection_accuracy = accuracies.get(select_split, {}).get(regime_key(cfg.eval.select_keep_ratio))
+        is_best = selection_accuracy is not None and (best_selected is None or selection_accuracy > best_selected)
         if is_best:
-            best_val = val_accuracy
+            best_selected = selection_accuracy
 
         train_accuracy = tally.correct / max(tally.examples, 1)
         stalled = at_chance(train_accuracy, loaders.spec.num_classes, epoch)
@@ -363,8 +410,12 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
             "realized_keep": tally.realized_keep / max(1, tally.trained_steps), "events": dict(tally.events),
             "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
             "images_per_sec": tally.examples / train_time if train_time > 0 else 0.0,
-            "nonfinite_steps": tally.nonfinite_steps, "is_best": is_best, "best_val_accuracy": best_val,
-            "eval": accuracies, "calibration": calibration,
+            "nonfinite_steps": tally.nonfinite_steps, "overflow_steps": tally.overflow_steps, "is_best": is_best,
+            # Selection is labelled by its split: best-on-test (eval.selection paper) is never called validation.
+            "selection": cfg.eval.selection,
+            "best_val_accuracy": best_selected if select_split == "val" else None,
+            "best_test_accuracy": best_selected if select_split == "test" else None,
+            "eval": accuracies, "eval_current": at_training_keep, "calibration": calibration,
         }
         for sink in sinks:
             sink.write(record)
