@@ -49,7 +49,7 @@ def test_strategy_grid_resolves_preset_controllers_and_replaces_the_section():
 def test_science_space_runs_the_released_controllers_with_intervals_scaled_to_its_base():
     space = load_space(str(SPACES[[p.stem for p in SPACES].index("science")]))
     configs = check_space(space, load_source("science"), METRIC)
-    assert len(configs) == 9 and {c.run.seed for c in configs} == {0, 1, 2}
+    assert len(configs) == 9 and {c.run.seed for c in configs} == {10, 11, 12}
     adaptive = {c.controller.keep_min: c.controller for c in configs if c.controller.strategy == "adaptive"}
     strategy1, strategy2 = adaptive[0.2], adaptive[0.0]
     paper1, paper2 = load_config("paper-s1").controller, load_config("paper-s2").controller
