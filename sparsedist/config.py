@@ -20,6 +20,7 @@ from sparsedist import storage
 DATASETS = ("synthetic", "cifar10", "cifar100", "fashion-mnist")
 STRATEGIES = ("dense", "fixed", "cyclic", "adaptive")
 PRESETS_PACKAGE = "sparsedist.configs"
+DEFAULT_VAL_FRACTION = 0.1  # held out under eval.selection heldout unless data.val_fraction says otherwise
 
 
 class Section(BaseModel):
@@ -71,9 +72,9 @@ class DataConfig(Section):
         "(.tar.gz) or its extracted folder, or a folder of Fashion-MNIST IDX files.",
     )
     download: bool = Field(True, description="Allow torchvision to download the dataset when no local copy exists.")
-    val_fraction: float = Field(
-        0.1, ge=0.0, lt=0.5, description="Fraction of the training set held out (seeded, fixed) for model selection; "
-        "0 under eval.selection paper (every training image is trained on).",
+    val_fraction: float | None = Field(
+        None, ge=0.0, lt=0.5, description="Fraction of the training set held out (seeded, fixed) for model selection; "
+        "default (null): 0.1 under eval.selection heldout, 0 under paper (every training image is trained on).",
     )
     val_seed: int = Field(0, ge=0, description="Seed of the validation holdout permutation.")
     augment: bool = Field(False, description="Random crop (pad 4) and horizontal flip in torch with a seeded generator; the paper uses none.")
@@ -362,6 +363,8 @@ class Config(Section):
         if self.data.loader_workers is None:
             # Loader threads follow the worker's allotment (Ray sets torch's threads to it too).
             self.data.loader_workers = max(1, int(self.scaling.cpus_per_worker))
+        if self.data.val_fraction is None:
+            self.data.val_fraction = DEFAULT_VAL_FRACTION if self.eval.selection == "heldout" else 0.0
         problems = []
         if self.train.batch_size % self.scaling.num_workers:
             problems.append(("train.batch_size", f"must be divisible by scaling.num_workers ({self.scaling.num_workers})",

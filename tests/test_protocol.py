@@ -86,14 +86,21 @@ def test_strategy1_is_the_controller_class_defaults():
     assert {key: getattr(defaults, key) for key in STRATEGY_1} == STRATEGY_1
 
 
-@pytest.mark.parametrize("overrides, path", [
-    (["data.val_fraction=0"], "data.val_fraction"),  # heldout (the default) needs a split
-    (["eval.selection=paper"], "data.val_fraction"),  # paper trains on every image
+@pytest.mark.parametrize("overrides", [
+    ["data.val_fraction=0"],  # heldout (the default) needs a split
+    ["eval.selection=paper", "data.val_fraction=0.1"],  # paper trains on every image
 ])
-def test_selection_and_validation_split_must_agree(overrides, path):
+def test_selection_and_validation_split_must_agree(overrides):
     with pytest.raises(ConfigError) as caught:
         load_config(None, overrides)
-    assert [problem[0] for problem in caught.value.problems] == [path]
+    assert [problem[0] for problem in caught.value.problems] == ["data.val_fraction"]
+
+
+def test_the_validation_split_follows_the_selection_unless_set():
+    assert load_config().data.val_fraction == 0.1
+    assert load_config("paper-s2").data.val_fraction == 0.0
+    assert load_config("paper-s2", ["eval.selection=heldout"]).data.val_fraction == 0.1
+    assert load_config(None, ["data.val_fraction=0.05"]).data.val_fraction == 0.05
 
 
 def test_per_epoch_cosine_is_the_released_cosine_annealing():

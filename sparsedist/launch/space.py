@@ -279,7 +279,7 @@ def check_space(space: SearchSpace, base: dict[str, Any], metric: str) -> list[C
             problems.setdefault(("metric", "paper"), (
                 "eval.selection", f"the sweep metric {metric} needs a validation split, and this base trains on every "
                 "image and selects on the test set (the paper protocol); a sweep should select on held-out data: "
-                "--set eval.selection=heldout --set data.val_fraction=0.1", cfg.eval.selection))
+                "--set eval.selection=heldout", cfg.eval.selection))
         elif metric not in reported_metrics(cfg):
             choices = ", ".join(sorted(m for m in reported_metrics(cfg) if m.startswith("eval/")))
             problems.setdefault(("metric", ""), ("--metric", f"no trial reports this metric [when {sampled}]; "
