@@ -102,6 +102,8 @@ RUNNERS = {
               "train through Ray Train (embedded local Ray, or the cluster RAY_ADDRESS names)"),
     "tune": ("sparsedist.launch.tune", "add_tune_arguments", "tune_from_args",
              "Ray Tune sweep over a search space (each trial a Ray Train run)"),
+    "reproduce": ("sparsedist.launch.reproduce", "add_reproduce_arguments", "reproduce_from_args",
+                  "the paper's table with confidence intervals: dense, Strategy 1, Strategy 2 x seeds as a sweep"),
     "report": ("sparsedist.report.page", "add_report_arguments", "report_from_args",
                "figures and a markdown page for run or sweep directories"),
     "eval": ("sparsedist.report.evaluate", "add_eval_arguments", "eval_from_args",

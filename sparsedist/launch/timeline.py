@@ -1,8 +1,11 @@
-"""Wall-clock times of a sweep's trial events, recorded in the Tune driver (`sparsedist bench sweep`)."""
+"""Tune callbacks in the sweep driver: wall-clock times of trial events (`sparsedist bench sweep`), and an
+action after every trial (partial results)."""
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import Callable
 
 from ray.tune import Callback
 
@@ -21,3 +24,17 @@ class TrialTimeline(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.events.append(("complete", trial.trial_id, time.time()))
+
+
+class TrialEnd(Callback):
+    """Calls `action()` after each trial ends (a picklable callable: Tune saves its callbacks for a resume).
+    A failing action is reported and the sweep goes on: it only refreshes a view of the results."""
+
+    def __init__(self, action: Callable[[], None]):
+        self.action = action
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        try:
+            self.action()
+        except Exception as error:  # noqa: BLE001 - a view of partial results must not end a long sweep
+            print(f"warning: after trial {trial.trial_id}: {type(error).__name__}: {error}", file=sys.stderr)

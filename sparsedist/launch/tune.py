@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -289,9 +289,11 @@ def make_search_alg(spec: SweepSpec, concurrency: int):
 
 
 def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = None, resume: bool = False,
-              resource_wait_s: float = RESOURCE_WAIT_S, events: list | None = None) -> list[Trial]:
+              resource_wait_s: float = RESOURCE_WAIT_S, events: list | None = None,
+              on_trial_complete: Callable[[], None] | None = None) -> list[Trial]:
     """Run (or resume) the sweep in `sweep_dir`; returns its trials once sweep.csv and summary.md are written.
-    `events`, when given, receives (event, trial_id, wall time) for every trial start, result and completion.
+    `events`, when given, receives (event, trial_id, wall time) for every trial start, result and completion;
+    `on_trial_complete` is called in the driver after each trial ends (partial results).
 
     Raises ConfigError/SpaceError (bad base, space or metric: nothing started), SweepError, ClusterError.
     """
@@ -308,7 +310,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
         import ray  # only now: an embedded cluster's loopback environment must be set before Ray's first import
         from ray import tune
 
-        from sparsedist.launch.timeline import TrialTimeline  # these import Ray: only once ray_session has set
+        from sparsedist.launch.timeline import TrialEnd, TrialTimeline  # these import Ray: only once ray_session has set
         from sparsedist.launch.trial import trial_driver  # its environment
 
         concurrency = trial_concurrency(max_concurrent, scaling, ray.cluster_resources(),
@@ -320,7 +322,10 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
             prepare(data)
         trainable = tune.with_resources(partial(trial_driver, spec=spec.to_dict(), sweep_dir=sweep_dir),
                                         {"cpu": DRIVER_CPUS})
+        callbacks = ([TrialTimeline(events)] if events is not None else []) + (
+            [TrialEnd(on_trial_complete)] if on_trial_complete is not None else [])
         if resume and tune.Tuner.can_restore(tune_dir, storage_filesystem=filesystem):
+            # The callbacks come back with the run config Tune saved (tuner.pkl): they must pickle.
             tuner = tune.Tuner.restore(tune_dir, trainable, resume_unfinished=True, resume_errored=True,
                                        storage_filesystem=filesystem)
         else:  # a fresh sweep, or one interrupted before Tune saved any state
@@ -336,7 +341,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
                     # it, and only the end of its driver's process ends the Train controller it owns.
                 ),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_path, storage_filesystem=filesystem,
-                                          callbacks=[TrialTimeline(events)] if events is not None else None),
+                                          callbacks=callbacks),
             )
         results = tuner.fit()
     record_trial_errors(sweep_dir, results)

@@ -48,9 +48,8 @@ def _panel_grid(count: int) -> tuple[Figure, list]:
     return figure, axes[:count]
 
 
-def plot_accuracy_vs_keep(series: list[Series], path: str) -> None:
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    axis = figure.subplots()
+def _draw_accuracy_vs_keep(axis, series: list[Series]) -> None:
+    """Per curve, the mean selected test accuracy at every keep ratio with its 95% CI band across seeds."""
     ratios: set[float] = set()
     for curve in series:
         by_key: dict[str, list[float]] = {}
@@ -72,9 +71,29 @@ def plot_accuracy_vs_keep(series: list[Series], path: str) -> None:
     axis.minorticks_off()
     axis.set_xlabel("keep ratio at evaluation (log scale)")
     axis.set_ylabel("test accuracy (selected checkpoint)")
-    axis.set_title("Accuracy vs keep ratio (bands: 95% CI across seeds)")
     axis.grid(alpha=0.3)
+
+
+def plot_accuracy_vs_keep(series: list[Series], path: str) -> None:
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    axis = figure.subplots()
+    _draw_accuracy_vs_keep(axis, series)
+    axis.set_title("Accuracy vs keep ratio (bands: 95% CI across seeds)")
     axis.legend(fontsize="small")
+    figure.savefig(path, dpi=DPI)
+
+
+def plot_reproduction(panels: dict[str, list[Series]], reference: dict[str, float], path: str) -> None:
+    """One panel per selection rule (title -> curves), with the paper's single-run dense numbers (label ->
+    accuracy) as stars at keep ratio 1."""
+    figure, axes = _panel_grid(len(panels))
+    for axis, (title, series) in zip(axes, panels.items()):
+        _draw_accuracy_vs_keep(axis, series)
+        for index, (label, accuracy) in enumerate(reference.items()):
+            axis.plot([1.0], [accuracy], marker="*", markersize=11, linestyle="none", color=f"C{index}",
+                      markeredgecolor="black", label=f"paper, {label} (single run)")
+        axis.set_title(title, fontsize="medium")
+        axis.legend(fontsize="x-small")
     figure.savefig(path, dpi=DPI)
 
 

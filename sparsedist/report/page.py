@@ -18,7 +18,9 @@ from sparsedist.report.figures import (MAX_PANELS, Series, plot_accuracy_vs_keep
                                        plot_train_vs_val)
 from sparsedist.report.runs import RunRecords, is_run_dir, read_run, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
-from sparsedist.report.sweep import SUMMARY_MD, SWEEP_FILE, TRIAL_FILE, TUNE_DIR, group_trials, read_trials
+from sparsedist.report.reproduction import is_reproduction, write_paper_table
+from sparsedist.report.sweep import (SUMMARY_MD, SWEEP_FILE, TRIAL_FILE, TUNE_DIR, group_trials, read_sweep_file,
+                                     read_trials)
 from sparsedist.rundir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 REPORT_MD = "report.md"
@@ -90,13 +92,19 @@ def write_report(paths: Sequence[str], out_dir: str, bench_json: str | None = No
         "# sparsedist report", "",
         "Inputs: " + ", ".join(f"`{os.path.abspath(p)}`" for p in paths), "",
         "## Test accuracy of the selected checkpoint per keep ratio", "",
-        "Each run's checkpoint with the best validation accuracy at eval.select_keep_ratio; for groups the mean "
+        "Each run's checkpoint with the best selection accuracy at eval.select_keep_ratio (validation; test under "
+        "eval.selection paper, best-on-test); for groups the mean "
         "over seeds and the 95% Student-t interval, clipped to [0, 1].", "",
         *_accuracy_table(series), "",
     ]
     if len(shown) > MAX_PANELS:
         lines += [f"Per-run figures show the first {MAX_PANELS} of {len(shown)} runs.", ""]
     lines += [f"Sweep statistics (Welch's t-test against dense): [{s}]({os.path.relpath(s, out_dir)})" for s in summaries]
+    for path in paths:  # a `sparsedist reproduce` sweep also gets the paper's table
+        if os.path.isfile(os.path.join(path, SWEEP_FILE)) and is_reproduction(read_sweep_file(path)):
+            table, figure = write_paper_table(path, out_dir=out_dir)
+            lines += ["", f"The paper's table with 95% intervals: [{os.path.basename(table)}]({os.path.basename(table)}), "
+                      f"![the paper's table]({os.path.basename(figure)})"]
     for file_name, title in FIGURES.items():
         lines += ["", f"## {title}", "", f"![{title}]({file_name})"]
     if bench_json:

@@ -264,7 +264,8 @@ def write_summary_md(trials: list[Trial], path: str, metric: str, mode: str, tit
         "and a failed one has no result. Here is how many of each group that leaves out.", "",
         *_status_table(groups), "",
         "## Test accuracy of the selected checkpoint, per keep ratio", "",
-        f"The selected checkpoint is each trial's epoch with the best validation accuracy at keep ratio "
+        f"The selected checkpoint is each trial's epoch with the best validation accuracy (test accuracy under "
+        f"eval.selection paper: best-on-test, optimistic) at keep ratio "
         f"{', '.join(sorted(select))} (eval.select_keep_ratio). Across seeds: n, mean, sample std, Student-t 95% "
         "interval of the mean (clipped to [0, 1]), the two-sided Welch's t-test p-value against the dense group with "
         f"the same non-controller values, and that p-value Holm-corrected over the {len(keys)} keep ratios compared "
