@@ -13,6 +13,7 @@ from sparsedist.sparsity import ActivationSparsity
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsedist.train.loop import evaluate_regimes, lr_factor, train
 from sparsedist.train.precision import LossScaler
+from tests.distributed import run_gloo
 from tests.helpers import SPEC, loaders_for, tiny_config
 
 CPU = torch.device("cpu")
@@ -188,6 +189,24 @@ def test_fp16_overflow_skips_the_update_halves_the_scale_and_the_controller_sees
     assert resumed.trajectory == straight.trajectory[4:]
     for name, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def _fp16_steps_on_rank(rank, world_size, overrides):
+    cfg = tiny_config(*overrides)
+    sink = ListSink()
+    with torch.autocast("cpu", dtype=torch.float16):
+        result = train(cfg, loaders_for(cfg, rank=rank, world_size=world_size), device=CPU, sinks=[sink])
+    steps = [(r["overflow"], r["loss_scale"]) for r in sink if r["kind"] == "step"]
+    return steps, result.trajectory, {k: v.clone() for k, v in result.model.state_dict().items()}
+
+
+def test_fp16_replicas_skip_the_same_steps_and_stay_identical():
+    overrides = (*FP16, "train.epochs=1", "train.loss_scale_init=1048576")  # 2^20: two or so overflows, then steps
+    (steps0, trajectory0, weights0), (steps1, trajectory1, weights1) = run_gloo(_fp16_steps_on_rank, 2, overrides)
+    assert steps0 == steps1 and trajectory0 == trajectory1
+    assert {overflow for overflow, _ in steps0} == {True, False}, "the run should overflow, then train"
+    for name, value in weights0.items():
+        assert torch.equal(value, weights1[name]), name
 
 
 @pytest.mark.parametrize("norm_output, site_dtype", [("promoted", torch.float32), ("input", torch.float16)])
