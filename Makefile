@@ -45,8 +45,8 @@ bench: setup
 	$(VENV)/bin/sparsedist bench sparsity
 	$(VENV)/bin/sparsedist bench data
 
-# On a GPU machine, with its own python3 (no venv there): GPU tests and CUDA benchmarks into one
-# JSON and a text summary ($OUT, else ./gpu-check). Missing packages come from wheels/.
+# On a GPU machine, with its own python3 (no venv there): GPU tests and CUDA benchmarks into four
+# result files ($OUT, else ./gpu-check). Missing packages come from wheels/ (make gpu-wheels, carried).
 gpu-check:
 	python3 -m sparsedist.gpu_check
 

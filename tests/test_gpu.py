@@ -1,7 +1,7 @@
 """On a CUDA device (`make gpu-check` runs these with `pytest -m gpu`): the kernels against the eager
 reference on the real WRN-28-4 site shapes, bf16 autocast and channels_last training with and without
-kernels, a compiled model through a keep-ratio schedule, training steps that never wait for the device,
-resume and the determinism of tau."""
+kernels, a compiled model through a keep-ratio schedule, training steps that never wait for the device
+and resume (bf16, and fp16 with its loss scaler), and the determinism of tau."""
 
 from __future__ import annotations
 
@@ -120,12 +120,13 @@ def test_the_sparsity_part_of_a_cuda_step_never_waits_for_the_device(scope):
     assert record[-1][2][0] < 0.15 and (scope == "layer" or record[-1][3] > 0)
 
 
-def test_training_steps_on_cuda_never_wait_for_the_device():
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: the loss scaler lives on the device too
+def test_training_steps_on_cuda_never_wait_for_the_device(precision):
     def synchronizations(steps: int) -> int:
         cfg = tiny_config("sparsity.scope=network", "train.epochs=1", "train.batch_size=32", "train.log_every_steps=1",
                           f"train.max_steps_per_epoch={steps}", "controller.interval=2", "eval.keep_ratios=[1.0]",
                           "controller.warmup_epochs=0.5",  # dense steps too (tau 0.0), as many as half the steps
-                          "train.precision=bf16", "train.channels_last=true")
+                          f"train.precision={precision}", "train.channels_last=true")
         train(cfg, loaders_for(cfg, device=CUDA), device=CUDA)  # kernels compiled, first-use checks done
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -140,10 +141,11 @@ def test_training_steps_on_cuda_never_wait_for_the_device():
     assert synchronizations(7) == synchronizations(3)
 
 
-def test_resume_on_cuda_continues_the_identical_trajectory(tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])  # fp16: the loss scale is in the checkpoint
+def test_resume_on_cuda_continues_the_identical_trajectory(tmp_path, precision):
     cfg = tiny_config("sparsity.scope=network", "train.epochs=4", "train.batch_size=32", "controller.interval=2",
                       "controller.tighten_pct=0.3", "eval.keep_ratios=[1.0, 0.3]", "sparsity.calibration_batches=1",
-                      "train.precision=bf16", "train.channels_last=true")
+                      f"train.precision={precision}", "train.channels_last=true")
     straight = train(cfg, loaders_for(cfg, device=CUDA), device=CUDA)
 
     def save_epoch_1_and_stop(end):

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ElementTree
 import zipfile
 
 import pytest
 import torch
 
 from sparsedist import gpu_check
-from sparsedist.bench.sparsity import run_site_benchmark, run_sparsity_benchmark
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal needs a machine without CUDA")
@@ -54,29 +56,71 @@ def test_a_missing_module_without_wheels_stops_the_check_with_the_remedy(tmp_pat
         gpu_check.install_missing(str(tmp_path), str(tmp_path / "site"), needed=("sparsedist_not_a_module",))
 
 
-def test_the_summary_reads_every_stage_result():
-    # Real results of the stage functions, run small on CPU (the kernels in Triton's interpreter).
-    sites = run_site_benchmark(batch_size=2, depth=10, widen_factor=1, image_size=8, device="cpu",
-                               dtype=torch.float32, channels_last=True, repeats=1)
-    steps = run_sparsity_benchmark(batch_size=2, repeats=1, warmup=1, depth=10, widen_factor=1, image_size=8)
-    tests = {"tests": 3, "failures": 1, "errors": 0, "skipped": 0, "passed": 2, "failed": ["tests.test_gpu::x"]}
-    report = {"environment": {"device": "cpu", "capability": [0, 0], "torch": torch.__version__, "cuda": None,
-                              "triton": None},
-              "stages": {"tests": {"status": "ok", "seconds": 1.0, "result": tests},
-                         "sites": {"status": "ok", "seconds": 1.0, "result": sites},
-                         "steps": {"status": "ok", "seconds": 1.0, "result": steps},
-                         "steps_compiled": {"status": "timed out after 5 s", "seconds": 5.0}}}
-    summary = gpu_check._summary(report)
-    assert "2 passed, 1 failed" in summary and "tests.test_gpu::x" in summary
-    assert "layer: kernels" in summary and "topk_scatter" in summary and "network: kernels" in summary
-    assert "dense 1.000x" in summary and "steps_compiled: timed out after 5 s" in summary
+def test_without_wheels_for_a_missing_module_the_check_refuses_up_front_naming_the_command(tmp_path):
+    assert gpu_check.wheels_problem(str(tmp_path), needed=("json",)) is None  # nothing missing
+    problem = gpu_check.wheels_problem(str(tmp_path), needed=("sparsedist_not_a_module",))
+    assert "sparsedist_not_a_module" in problem and "make gpu-wheels" in problem and 'carry ["wheels"]' in problem
 
 
-def test_a_stage_runs_in_its_own_process_and_reports_the_gpu_tests(tmp_path):
-    # Without CUDA every GPU test skips with its reason; the stage still runs, parses and reports them.
-    env = {**os.environ, "PYTHONPATH": gpu_check.REPO}
-    stage = gpu_check._run_stage("tests", str(tmp_path), env, limit_s=300)
-    assert stage["status"] == "ok", stage
-    result = stage["result"]
-    expected_skips = 0 if torch.cuda.is_available() else result["tests"]
-    assert result["tests"] >= 8 and result["skipped"] == expected_skips and result["failed"] == []
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU stand-in for a machine without CUDA")
+def test_the_dry_run_runs_every_stage_and_leaves_only_its_result_files(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "sparsedist.gpu_check", "--dry-run", "--out", str(out),
+                           "--wheels", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.RESULT_FILES)  # nothing else, no folders
+    report = json.loads((out / "gpu-check.json").read_text())
+    assert list(report["stages"]) == list(gpu_check.STAGES) and report["environment"]["dry_run"]
+    assert all(stage["status"] == "ok" for stage in report["stages"].values()), report["stages"]
+    tests = report["stages"]["tests"]["result"]
+    assert tests["tests"] >= 10 and tests["skipped"] == tests["tests"] and tests["pytest_runs"] == 1
+    summary = (out / "gpu-check.txt").read_text()
+    assert summary == done.stdout and "layer: kernels" in summary and "network: kernels" in summary
+    assert "dense 1.000x" in summary and f"{tests['tests']} skipped" in summary
+    assert "tests/test_gpu.py::test_resume_on_cuda_continues_the_identical_trajectory[fp16] SKIPPED" in (
+        out / "gpu-tests.log").read_text()
+
+
+# GPU-test stand-ins: a hang, and a CUDA fault that poisons the rest of its process.
+FAULTY_TESTS = """
+import time
+import pytest
+
+pytestmark = pytest.mark.gpu
+POISONED = []
+
+
+def test_first():
+    pass
+
+
+def test_hangs():
+    time.sleep(600)
+
+
+def test_faults():
+    POISONED.append(True)
+    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_after_the_fault():
+    assert not POISONED, "the context of this process is poisoned"
+"""
+
+
+def test_a_hung_test_and_a_cuda_fault_cost_only_themselves(tmp_path):
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_faulty.py").write_text(FAULTY_TESTS)
+    out, scratch = tmp_path / "out", tmp_path / "scratch"
+    out.mkdir(), scratch.mkdir()
+    result = gpu_check.run_gpu_tests(str(out), str(scratch), dict(os.environ), deadline=time.monotonic() + 240,
+                                     test_file="tests/test_faulty.py", cwd=str(tmp_path), test_limit_s=6)
+    problems = {test_id.split("::")[1]: outcome for test_id, outcome in result["problems"].items()}
+    assert set(problems) == {"test_hangs", "test_faults"} and problems["test_hangs"]["outcome"] == "timed out"
+    assert "illegal memory access" in problems["test_faults"]["message"]
+    # Run 1 hangs and is killed; run 2 faults; run 3 runs the test behind the fault again, in a fresh process.
+    assert result["pytest_runs"] == 3 and result["passed"] == 2 and result["not_run"] == []
+    log = (out / "gpu-tests.log").read_text()
+    assert "test_hangs" in log.split("===== pytest run 2")[0] and "Timeout" in log  # faulthandler's stack dump
+    junit = ElementTree.parse(out / "gpu-tests.xml").getroot()
+    assert sorted(case.get("name") for case in junit.iter("testcase")) == ["test_after_the_fault", "test_faults"]
