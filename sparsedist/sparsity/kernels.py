@@ -22,6 +22,8 @@ channels_last, 4-D maps for `layer`.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from sparsedist.sparsity.threshold import HISTOGRAM_BINS
@@ -157,14 +159,20 @@ def _memory_order(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1)
 
 
+def _on_device_of(x: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make them x's, whatever the caller's is."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def zero_below_with_histogram(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(`threshold.zero_below(x, tau)`, `threshold.bit_histogram(x, histogram_origin(tau))` as int32) in
     one pass over x; tau is read on the device from `threshold` (float32, one element). No autograd."""
     histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int32, device=x.device)
     y = torch.empty_like(x)
     flat = _memory_order(x.detach())
-    _network_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](
-        flat, _memory_order(y), histogram, threshold, flat.numel(), IS_BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK)
+    with _on_device_of(x):
+        _network_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](
+            flat, _memory_order(y), histogram, threshold, flat.numel(), IS_BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK)
     return y, histogram
 
 
@@ -174,10 +182,11 @@ def top_k_mask(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.Tensor:
     samples, channels, height, width = x.shape
     values_per_sample = channels * height * width
     kept = torch.empty_like(x, dtype=torch.int8)
-    _layer_kernel[(samples,)](
-        _memory_order(x.detach()), _memory_order(kept), keep_ratio, values_per_sample, channels, height * width,
-        IS_BF16=x.dtype == torch.bfloat16, CHANNELS_LAST=not x.is_contiguous(),
-        KEY_PASSES=2 if x.dtype == torch.bfloat16 else 4,
-        INDEX_PASSES=max(1, -(-(values_per_sample - 1).bit_length() // _DIGIT_BITS)), BLOCK=_BLOCK,
-    )
+    with _on_device_of(x):
+        _layer_kernel[(samples,)](
+            _memory_order(x.detach()), _memory_order(kept), keep_ratio, values_per_sample, channels, height * width,
+            IS_BF16=x.dtype == torch.bfloat16, CHANNELS_LAST=not x.is_contiguous(),
+            KEY_PASSES=2 if x.dtype == torch.bfloat16 else 4,
+            INDEX_PASSES=max(1, -(-(values_per_sample - 1).bit_length() // _DIGIT_BITS)), BLOCK=_BLOCK,
+        )
     return kept.view(torch.bool)
