@@ -96,14 +96,16 @@ def _step_function(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeats: int = 5, warmup: int = 2,
                            depth: int = 28, widen_factor: int = 4, image_size: int = 32, seed: int = 0,
                            threads: int | None = None, json_out: str | None = None, device: str = "cpu",
-                           bf16: bool = False, channels_last: bool = False, compile: bool = False) -> dict:
+                           precision: str = "fp32", channels_last: bool = False, compile: bool = False,
+                           cudnn_benchmark: bool = False) -> dict:
     """Median train-step seconds of every variant and their ratios over eager dense.
 
     `threads` sets torch's intra-op threads for the run (None: as they are); on a machine shared
     with other work, one thread suffers least from descheduled OpenMP workers. The load average
-    before and after is reported so that a reader can judge the noise. `bf16` (CUDA) runs the
-    forward in bf16 autocast; `compile` adds the compiled variants (their compilation happens in
-    the warm-up steps).
+    before and after is reported so that a reader can judge the noise. `precision` bf16 or fp16 runs
+    the forward in that autocast; `compile` adds the compiled variants (their compilation happens in
+    the warm-up steps). cuDNN runs as training runs it (deterministic, no autotuner) unless
+    `cudnn_benchmark`, the released script's setting, which training does not use (resume is bitwise).
 
     Returns {"setup": {...}, "median_step_s": {variant: s}, "ratio_to_dense": {variant: r},
     "images_per_s": {variant: n}, "median_cpu_s": {variant: s}, "cpu_ratio_to_dense": {variant: r},
@@ -112,22 +114,28 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
     dense_compiled, layer_compiled, network_compiled). The warm-up steps also give network scope
     its first threshold (step 0 is dense by definition).
     """
-    options = _Options(torch.device(device), bf16, channels_last, compile)
-    return run_benchmark(
-        lambda: _measure(batch_size, keep_ratio, repeats, warmup, depth, widen_factor, image_size, seed, options),
-        format_table, threads=threads, json_out=json_out,
-    )
+    options = _Options(torch.device(device), precision, channels_last, compile)
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = not cudnn_benchmark, cudnn_benchmark
+    try:
+        return run_benchmark(
+            lambda: _measure(batch_size, keep_ratio, repeats, warmup, depth, widen_factor, image_size, seed, options),
+            format_table, threads=threads, json_out=json_out,
+        )
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
 @dataclass(frozen=True)
 class _Options:
     device: torch.device
-    bf16: bool
+    precision: str  # fp32, bf16 or fp16 (autocast)
     channels_last: bool
     compile: bool
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32")
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -192,7 +200,8 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
     return {
         "setup": {"batch_size": batch_size, "keep_ratio": keep_ratio, "depth": depth, "widen_factor": widen_factor,
                   "image_size": image_size, "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-                  "device": str(device), "dtype": "bf16 autocast" if options.bf16 else "float32",
+                  "device": str(device), "dtype": "float32" if options.precision == "fp32" else f"{options.precision} autocast",
+                  "cudnn": "benchmark (autotuned)" if torch.backends.cudnn.benchmark else "deterministic, as training",
                   "channels_last": options.channels_last, "compile": options.compile,
                   "load_average_1min": [load_before, os.getloadavg()[0]]},
         "median_step_s": medians,
