@@ -7,18 +7,19 @@ import importlib
 import sys
 from typing import Callable
 
-from sparsedist.config import ConfigError, load_config
+from sparsedist.config import CONFIG_HELP, ConfigError, add_config_arguments, load_config
 
 EXIT_CONFIG = 2
 
 
-def _add_config_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
-    if positional:
-        parser.add_argument("config", help="YAML file or preset name")
-    else:
-        parser.add_argument("--config", required=True, help="YAML file or preset name")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a dotted config key (value parsed as YAML); repeatable")
+def installed_version() -> str:
+    from importlib import metadata  # not sparsedist.provenance: it imports torch, and this must stay instant
+
+    try:
+        return metadata.version("sparsedist")
+    except metadata.PackageNotFoundError:
+        return "unknown (a source tree, not installed)"
+
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
@@ -117,6 +118,7 @@ RUNNERS = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedist", description="Activation-sparsity regime training on Ray.")
+    parser.add_argument("--version", action="version", version=f"sparsedist {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     invoked = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
     for name, (module_name, add_arguments, run, help_text) in RUNNERS.items():
@@ -128,7 +130,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="inspect configurations").add_subparsers(dest="action", required=True)
     validate = config.add_parser("validate", help="print the resolved YAML, or every error (exit 2)")
-    _add_config_args(validate, positional=True)
+    add_config_arguments(validate)
     validate.set_defaults(func=cmd_config_validate)
     config.add_parser("list", help="print the preset names").set_defaults(func=cmd_config_list)
     config.add_parser("reference", help="print the config reference table (markdown)").set_defaults(func=cmd_config_reference)
@@ -138,8 +140,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     prepare.add_argument("--dataset", required=True, help="synthetic, cifar10, cifar100 or fashion-mnist")
     prepare.add_argument("--root", help="directory for .beton files and downloads")
     prepare.add_argument("--source", help="already-downloaded archive or folder to read")
-    prepare.add_argument("--config", default=None, help="base config (for synthetic/val settings)")
-    prepare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(prepare, help="base config (synthetic and validation-split settings); " + CONFIG_HELP)
     prepare.set_defaults(func=cmd_data_prepare)
 
     bench = commands.add_parser("bench", help="benchmarks (not tests)").add_subparsers(dest="action", required=True)

@@ -6,10 +6,11 @@ offending field, so `sparsedist config validate` can list every problem with its
 
 from __future__ import annotations
 
+import argparse
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -480,10 +481,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     return result
 
 
-def load_config(source: str | None = None, overrides: list[str] | dict[str, Any] = ()) -> Config:
-    """Load a YAML file or preset (or the defaults), apply --set overrides, validate."""
-    data = load_source(source) if source else {}
-    return validate(apply_overrides(data, overrides))
+def overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` laid over `base`: nested sections merge key by key, other values replace; a controller
+    section naming another strategy replaces the whole section (as `--set controller.strategy=` does)."""
+    result = dict(base)
+    for key, value in top.items():
+        switches_strategy = key == "controller" and isinstance(value, dict) and "strategy" in value and (
+            (base.get("controller") or {}).get("strategy") != value["strategy"])
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and not switches_strategy:
+            result[key] = overlay(base[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def load_sources(sources: str | Sequence[str] | None) -> dict[str, Any]:
+    """One or more YAML files, storage URIs or preset names (`--config`, repeatable), each laid over the
+    ones before it, as a plain dict (not validated); none: {} (the defaults)."""
+    if sources is None:
+        return {}
+    data: dict[str, Any] = {}
+    for source in [sources] if isinstance(sources, str) else sources:
+        data = overlay(data, load_source(source))
+    return data
+
+
+def load_config(sources: str | Sequence[str] | None = None, overrides: list[str] | dict[str, Any] = ()) -> Config:
+    """Load YAML files or presets laid over one another (or the defaults), apply --set overrides, validate."""
+    return validate(apply_overrides(load_sources(sources), overrides))
+
+
+CONFIG_HELP = ("YAML file, storage URI or preset name; repeatable: each laid over the ones before it (e.g. "
+               "--config paper-s2 --config gpu-4), then --set")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = False, help: str = CONFIG_HELP) -> None:
+    """`--config` (repeatable overlays) and `--set`: the one config grammar of every command."""
+    parser.add_argument("--config", action="append", required=required, metavar="CONFIG", help=help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted config key (value parsed as YAML); repeatable, applied last")
 
 
 def reference_markdown() -> str:

@@ -70,18 +70,18 @@ def test_cross_field_rules_point_at_the_offending_field(overrides, path):
 def test_cli_validate_exit_codes_and_output(tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(yaml.safe_dump({"train": {"epochs": 7}, "controller": {"strategy": "fixed", "keep_ratio": 0.3}}))
-    ok = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", str(config_file),
+    ok = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", "--config", str(config_file),
                          "--set", "train.batch_size=64"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     resolved = yaml.safe_load(ok.stdout)
     assert resolved["train"]["epochs"] == 7 and resolved["train"]["batch_size"] == 64
     assert validate(resolved).controller.keep_ratio == 0.3  # the printed YAML round-trips
-    bad = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", str(config_file),
+    bad = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", "--config", str(config_file),
                           "--set", "controller.keep_ratio=0", "--set", "train.epochs=zero"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "controller.keep_ratio" in bad.stderr and "train.epochs" in bad.stderr and "'zero'" in bad.stderr
     assert "Traceback" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", "no-such-preset"],
+    missing = subprocess.run([sys.executable, "-m", "sparsedist.cli", "config", "validate", "--config", "no-such-preset"],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "paper-s1" in missing.stderr
 
@@ -99,3 +99,25 @@ def test_loader_threads_follow_the_worker_allotment_unless_set():
     assert load_config("paper-s2", ["scaling.cpus_per_worker=6"]).data.loader_workers == 6
     assert load_config("paper-s2", ["scaling.cpus_per_worker=0.5"]).data.loader_workers == 1
     assert load_config("paper-s2", ["scaling.cpus_per_worker=6", "data.loader_workers=2"]).data.loader_workers == 2
+
+
+def test_configs_lay_over_one_another_in_order_then_the_sets():
+    cfg = load_config(["paper-s2", "gpu-4"], ["train.epochs=50"])
+    assert (cfg.scaling.num_workers, cfg.scaling.use_gpu, cfg.train.epochs) == (4, True, 50)
+    assert cfg.controller.interval == 128 and cfg.train.precision == "fp16"  # the rest is paper-s2's
+
+
+def test_an_overlay_merges_a_section_and_replaces_a_controller_of_another_strategy(tmp_path):
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump({"controller": {"strategy": "adaptive", "drop_tol": 0.05}}))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({"controller": {"strategy": "fixed", "keep_ratio": 0.3}}))
+    merged = load_config(["paper-s2", str(same)]).controller
+    assert merged.drop_tol == 0.05 and merged.interval == 128 and merged.keep_min == 0.0
+    assert load_config(["paper-s2", str(other)]).controller.keep_ratio == 0.3  # no adaptive field left behind
+
+
+def test_version_from_the_command_and_python_m():
+    for command in (["-m", "sparsedist", "--version"], ["-m", "sparsedist.cli", "--version"]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.startswith("sparsedist "), done

@@ -87,7 +87,7 @@ def test_export_writes_weights_config_and_model_card(exported):
 def test_loaded_model_accuracy_equals_sparsedist_eval_at_every_regime(exported, scope, tmp_path):
     run_dir, out = exported[scope]
     eval_json = str(tmp_path / "eval.json")
-    assert main(["eval", "--checkpoint", run_dir, "--json", eval_json]) == 0
+    assert main(["eval", run_dir, "--json", eval_json]) == 0
     reported = read_json(eval_json)["accuracy"]["test"]
     stored = {regime_key(r["keep_ratio"]): r["accuracy"]["test"] for r in read_json(os.path.join(out, "config.json"))["regimes"]}
     model = load_model(out)

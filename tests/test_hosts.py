@@ -214,7 +214,7 @@ def test_a_job_on_two_hosts_fetches_data_per_host_and_writes_a_complete_run_dire
     assert "keep  final val  final test" in logs
     # report, eval and export read the run from outside the cluster.
     assert cli(["report", run_dir, "--out", str(tmp_path / "report")]) == 0
-    assert cli(["eval", "--checkpoint", run_dir, "--json", str(tmp_path / "eval.json")]) == 0
+    assert cli(["eval", run_dir, "--json", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["epoch"] == summary["selected"]["epoch"]
     assert cli(["export", run_dir, "--out", str(tmp_path / "model")]) == 0
     assert (tmp_path / "model" / "config.json").is_file()

@@ -98,7 +98,7 @@ def test_a_gcs_location_without_its_bucket_or_credentials_is_one_clear_error_not
     assert "OAuth2 access token" in error and "GOOGLE_APPLICATION_CREDENTIALS for gs://" in error
     assert time.monotonic() - started < 4 * storage.GCS_PROBE_RETRY_S  # ~23 s: not Google's default 15 minutes
     started = time.monotonic()  # and readers: eval (export and report check the same way)
-    assert cli(["eval", "--checkpoint", f"gs://{gcs.new_bucket(gcs_endpoint)}/runs/x{options}"]) == 2
+    assert cli(["eval", f"gs://{gcs.new_bucket(gcs_endpoint)}/runs/x{options}"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: cannot read gs://") and "GOOGLE_APPLICATION_CREDENTIALS for gs://" in error
     assert time.monotonic() - started < 4 * storage.GCS_PROBE_RETRY_S

@@ -377,7 +377,7 @@ def test_eval_reproduces_the_selected_checkpoint_accuracy_of_a_trial(resumed_swe
         row = next(r for r in csv.DictReader(handle) if r["status"] == "completed")
     parser = argparse.ArgumentParser()
     add_eval_arguments(parser)
-    args = parser.parse_args(["--checkpoint", str(sweep_dir / TRIALS_DIR / row["trial_id"]), "--device", "cpu",
+    args = parser.parse_args([str(sweep_dir / TRIALS_DIR / row["trial_id"]), "--device", "cpu",
                               "--keep-ratios", "1,0.5,0.2,0.1,0.05", "--json", str(tmp_path / "eval.json")])
     assert eval_from_args(args) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())

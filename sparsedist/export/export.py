@@ -27,7 +27,8 @@ from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, 
 from sparsedist.logging import regime_key
 from sparsedist.provenance import package_version, source_commit
 from sparsedist.storage import StorageError
-from sparsedist.report.evaluate import CheckpointEvaluation, add_evaluation_options, device_from_args, evaluate_checkpoint
+from sparsedist.report.evaluate import (CheckpointEvaluation, add_evaluation_options, add_source_argument, device_from_args,
+                                        evaluate_checkpoint)
 from sparsedist.train.checkpoint import CheckpointError
 
 CLASS_NAMES = {
@@ -180,7 +181,7 @@ def share_like_other_files(directory: str) -> None:
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="checkpoint directory, or a run directory (its best/, else its newest)")
+    add_source_argument(parser)
     parser.add_argument("--out", required=True, help="directory to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--program", action="store_true", help="also write model.pt2, a torch.export program with rho as input")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")

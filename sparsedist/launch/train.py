@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from sparsedist import storage
-from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
+from sparsedist.config import CONFIG_HELP, Config, ConfigError, add_config_arguments, apply_overrides, load_sources, validate
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
                                check_run_dir, prepare_run_dir, recorded_failure)
@@ -189,10 +189,8 @@ def result_text(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------ command
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The `train` flags, shared by `sparsedist train` and `python -m sparsedist.launch.train`."""
-    parser.add_argument("--config", help="YAML file or preset name (default: the built-in defaults; with "
-                        "--resume and --run-dir: the run's own config.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field by dotted path (repeatable)")
+    add_config_arguments(parser, help=CONFIG_HELP + " (default: the built-in defaults; with --resume and --run-dir: "
+                         "the run's own config.yaml)")
     parser.add_argument("--run-dir", help="run directory (default: run.run_dir, else ./runs/<run.name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in the run directory")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run in the run directory first")
@@ -200,10 +198,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    source = args.config
-    if source is None and args.resume and args.run_dir:
-        source = storage.join(storage.absolute(args.run_dir), CONFIG_FILE)
-    data = apply_overrides(load_source(source) if source else {}, args.set)
+    sources = args.config
+    if sources is None and args.resume and args.run_dir:
+        sources = [storage.join(storage.absolute(args.run_dir), CONFIG_FILE)]
+    data = apply_overrides(load_sources(sources), args.overrides)
     if args.run_dir:
         data = apply_overrides(data, {"run.run_dir": args.run_dir})
     if args.verbose:

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import yaml
 
 from sparsedist import storage
-from sparsedist.config import Config, ConfigError, ScalingConfig, apply_overrides, load_source, validate
+from sparsedist.config import (CONFIG_HELP, Config, ConfigError, ScalingConfig, add_config_arguments, apply_overrides,
+                               load_sources, validate)
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session, required_resources
 from sparsedist.rundir import SUMMARY_FILE
@@ -87,11 +88,12 @@ def default_scheduler(space: Any) -> str:
     return "fifo" if dimensions and (SEED_PATH in grids or len(grids) == len(dimensions)) else "asha"
 
 
-def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
+def sweep_spec(config: str | list[str], space_file: str, *, overrides: list[str] = (), metric: str = DEFAULT_METRIC,
                scheduler: str | None = None, num_samples: int = 1, grace_period: int | None = None,
                reduction_factor: int | None = None, perturbation_interval: int | None = None,
                search_alg: str = "random") -> SweepSpec:
-    """A SweepSpec from the command line's inputs (a config file or preset, a space file, --set); without a
+    """A SweepSpec from the command line's inputs (config files or presets laid over one another, a space file,
+    --set); without a
     scheduler, `default_scheduler` picks one from the space. A scheduler's settings take their defaults."""
     given = {"grace_period": grace_period, "reduction_factor": reduction_factor,
              "perturbation_interval": perturbation_interval}
@@ -123,7 +125,7 @@ def sweep_spec(config: str, space_file: str, *, overrides: list[str] = (), metri
                 settings[field] = default if value is None else value
     if problems:
         raise SpaceError(problems)
-    base = apply_overrides(load_source(config), list(overrides))
+    base = apply_overrides(load_sources(config), list(overrides))
     mode = "min" if metric.endswith("loss") else "max"
     return SweepSpec(base=base, space=space, metric=metric, mode=mode, scheduler=scheduler, num_samples=num_samples,
                      search_alg=search_alg, **settings)
@@ -355,7 +357,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
 # ------------------------------------------------------------------------------------ command
 def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sparsedist tune` flags."""
-    parser.add_argument("--config", required=True, help="base config: YAML file or preset name")
+    add_config_arguments(parser, required=True, help="base config: " + CONFIG_HELP)
     parser.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="samples of the random dimensions; grid dimensions are crossed with each (default 1)")
@@ -376,8 +378,6 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturbation-interval", type=int, default=None,
                         help=f"PBT: epochs between exploit/explore decisions (default {PBT_INTERVAL_EPOCHS})")
     parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"per-epoch metric to optimize (default {DEFAULT_METRIC})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a base config field by dotted path (repeatable)")
     parser.add_argument("--sweep-dir", help="sweep directory (default: ./sweeps/<space file name>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted sweep in the sweep directory")
 
@@ -386,7 +386,7 @@ def tune_from_args(args: argparse.Namespace) -> int:
     """Run `tune` for parsed arguments; print where the results are, or a one-paragraph error."""
     sweep_dir = args.sweep_dir or os.path.join("sweeps", Path(args.space).stem)
     try:
-        spec = sweep_spec(args.config, args.space, overrides=args.set, metric=args.metric, scheduler=args.scheduler,
+        spec = sweep_spec(args.config, args.space, overrides=args.overrides, metric=args.metric, scheduler=args.scheduler,
                           num_samples=args.num_samples, grace_period=args.grace_period,
                           reduction_factor=args.reduction_factor, perturbation_interval=args.perturbation_interval,
                           search_alg=args.search_alg)

@@ -129,9 +129,15 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
     return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def add_source_argument(parser: argparse.ArgumentParser) -> None:
+    """What `eval` and `export` read: the same forms for both (`resolve_checkpoint`)."""
+    parser.add_argument("source", metavar="SOURCE", help="a checkpoint directory, or a run directory (its best/, else "
+                        "its newest checkpoint); a path or a storage URI (s3://..., gs://...)")
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sparsedist eval` flags."""
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory, or a run directory (its best/)")
+    add_source_argument(parser)
     parser.add_argument("--json", metavar="OUT", help="also write the accuracies as JSON")
     add_evaluation_options(parser)
 
@@ -141,7 +147,7 @@ def eval_from_args(args: argparse.Namespace) -> int:
 
     device = device_from_args(args)
     try:
-        evaluation = evaluate_checkpoint(args.checkpoint, device=device, keep_ratios=args.keep_ratios, overrides=args.set)
+        evaluation = evaluate_checkpoint(args.source, device=device, keep_ratios=args.keep_ratios, overrides=args.set)
     except ConfigError as error:
         print(error.format(), file=sys.stderr)
         return 2
