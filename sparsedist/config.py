@@ -269,6 +269,14 @@ class TrainConfig(Section):
     checkpoint_every_epochs: int = Field(1, ge=1, description="Epochs between checkpoints (the last epoch always saves).")
 
 
+def regime_key(keep_ratio: float) -> str:
+    """A keep ratio's name in records, TensorBoard tags, sweep columns and tables: two decimals ("0.10")
+    when they state it exactly, else Python's shortest exact form ("0.025"), so distinct keep ratios never
+    share a name (0.025 and 0.03 would both be "0.03" at two decimals)."""
+    two_decimals = f"{keep_ratio:.2f}"
+    return two_decimals if float(two_decimals) == keep_ratio else repr(float(keep_ratio))
+
+
 class EvalConfig(Section):
     keep_ratios: list[float] = Field(
         [1.0, 0.5, 0.3, 0.2, 0.1, 0.05], min_length=1, description="Keep ratios of the per-regime accuracy grid."

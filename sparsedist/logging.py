@@ -14,7 +14,7 @@ The training loop emits plain-dict records:
 `eval` and `calibration` are `{}` on epochs that do not evaluate, and so is `eval_current` (the model
 evaluated at the training keep ratio of the epoch's end; absent in older runs, like `best_test_accuracy`).
 `best_val_accuracy` is set under the held-out selection protocol, `best_test_accuracy` under the paper's.
-Regime keys are `regime_key(rho)` ("0.10", "0.025": unique per rho). Sinks take `write(record)` and `close()`: JsonLinesSink
+Regime keys are `config.regime_key(rho)` ("0.10", "0.025": unique per rho). Sinks take `write(record)` and `close()`: JsonLinesSink
 (metrics.jsonl, the run's history) and TensorBoardSink. The driver follows metrics.jsonl with
 JsonLinesTail and shows it as a ProgressLine.
 
@@ -36,14 +36,6 @@ from typing import Any, Callable, Protocol, TextIO
 
 from sparsedist import storage
 from sparsedist.atomic import write_atomic
-
-
-def regime_key(keep_ratio: float) -> str:
-    """A keep ratio's name in records, TensorBoard tags, sweep columns and tables: two decimals ("0.10")
-    when they state it exactly, else Python's shortest exact form ("0.025"), so distinct keep ratios never
-    share a name (0.025 and 0.03 would both be "0.03" at two decimals)."""
-    two_decimals = f"{keep_ratio:.2f}"
-    return two_decimals if float(two_decimals) == keep_ratio else repr(float(keep_ratio))
 
 
 class Sink(Protocol):

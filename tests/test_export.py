@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sparsedist.cli import main
+from sparsedist.config import regime_key
 from sparsedist.data.registry import get_spec
 from sparsedist.data.sources import load_source
 from sparsedist.export.artifact import ArtifactError
 from sparsedist.export.load import load_model
-from sparsedist.logging import regime_key
 from sparsedist.train.checkpoint import STATE_FILE, load_checkpoint
 from tests.export_helpers import KEEP_RATIOS, train_run
 

@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from sparsedist.config import ScalingConfig, load_config
 from sparsedist.launch.cluster import ClusterError, ray_session
 from sparsedist.rundir import CONFIG_FILE, RunDirError
-from sparsedist.launch.summary import summarize
+from sparsedist.report.summary import summarize
 from sparsedist.launch.train import LaunchError, run_training
 from sparsedist.logging import read_jsonl
 from sparsedist.train.checkpoint import checkpoint_name, load_checkpoint

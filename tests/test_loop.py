@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
+from sparsedist.config import regime_key
 from sparsedist.controllers import build_controller
-from sparsedist.launch.summary import regime_table, summarize
-from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl, regime_key
+from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl
+from sparsedist.report.summary import regime_table, summarize
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsedist.train.loop import NonFiniteLossError, build_optimizer, lr_factor, train
 from tests.distributed import run_gloo

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sparsedist.config import ConfigError, load_config
-from sparsedist.launch.summary import regime_table, summarize
+from sparsedist.report.summary import regime_table, summarize
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint

@@ -20,11 +20,10 @@ import torch
 from safetensors.torch import save_file
 
 from sparsedist.atomic import replace_directory, staging_sibling
-from sparsedist.config import ConfigError
+from sparsedist.config import ConfigError, regime_key
 from sparsedist.data.registry import get_spec
 from sparsedist.export.artifact import (CARD_FILE, CONFIG_FILE, FORMAT_VERSION, PROGRAM_FILE, WEIGHTS_FILE,
                                         ArtifactError, check_keep_ratio)
-from sparsedist.logging import regime_key
 from sparsedist.provenance import package_version, source_commit
 from sparsedist.storage import StorageError
 from sparsedist.report.evaluate import (CheckpointEvaluation, add_evaluation_options, add_source_argument, device_from_args,

@@ -27,8 +27,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from sparsedist.config import Config, ConfigError, apply_overrides, load_source, validate
-from sparsedist.logging import flatten_epoch, regime_key
+from sparsedist.config import Config, ConfigError, apply_overrides, load_source, regime_key, validate
+from sparsedist.logging import flatten_epoch
 
 OPTION_KINDS = ("choice", "grid")
 RANGE_KINDS = ("uniform", "loguniform", "randint", "quniform")

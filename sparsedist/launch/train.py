@@ -22,7 +22,7 @@ from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY
                                check_run_dir, prepare_run_dir, recorded_failure)
 from sparsedist.storage import StorageError
 from sparsedist.tracking import log_outputs
-from sparsedist.launch.summary import regime_table, summarize
+from sparsedist.report.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
 PROGRESS_POLL_S = 0.5

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from sparsedist import storage
 from sparsedist.config import Config, ConfigError, validate
 from sparsedist.data import build_loaders
-from sparsedist.launch.summary import summarize, summary_metrics
+from sparsedist.report.summary import summarize, summary_metrics
 from sparsedist.logging import (JsonLinesSink, TensorBoardSink, epoch_line, flatten_epoch, read_jsonl,
                                 rewind_jsonl)
 from sparsedist.provenance import banner, provenance

@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from sparsedist.config import Config, ConfigError, apply_overrides, validate
+from sparsedist.config import Config, ConfigError, apply_overrides, regime_key, validate
 from sparsedist import storage
 from sparsedist.rundir import BEST_DIR
-from sparsedist.logging import regime_key
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity
 from sparsedist.train.checkpoint import MARKER_FILE, CheckpointError, latest_checkpoint, load_checkpoint

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from sparsedist.logging import regime_key
+from sparsedist.config import regime_key
 from sparsedist.report.runs import RunRecords, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, group_stats
 

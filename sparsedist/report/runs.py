@@ -11,7 +11,7 @@ import yaml
 from sparsedist import storage
 from sparsedist.config import Config, validate
 from sparsedist.rundir import CONFIG_FILE, METRICS_FILE
-from sparsedist.launch.summary import summarize
+from sparsedist.report.summary import summarize
 from sparsedist.logging import read_jsonl
 
 
@@ -21,7 +21,7 @@ class RunRecords:
     config: Config
     epochs: list[dict[str, Any]]
     steps: list[dict[str, Any]]
-    summary: dict[str, Any] | None  # `launch.summary.summarize` of the epochs; None before the first evaluation
+    summary: dict[str, Any] | None  # `report.summary.summarize` of the epochs; None before the first evaluation
     completed: bool  # every configured epoch ran (a scheduler may still have stopped its driver at the last report)
 
     @property

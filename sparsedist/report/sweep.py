@@ -28,7 +28,8 @@ from typing import Any, Iterable
 import yaml
 
 from sparsedist import storage
-from sparsedist.logging import flatten_epoch, flatten_hparams, regime_key
+from sparsedist.config import regime_key
+from sparsedist.logging import flatten_epoch, flatten_hparams
 from sparsedist.report.runs import RunRecords, read_run, selected_test
 from sparsedist.report.stats import ACCURACY_BOUNDS, GroupStats, group_stats, holm, welch_t_test
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsedist.config import Config
+from sparsedist.config import Config, regime_key
 from sparsedist.controllers import build_controller
 from sparsedist.data.base import Batch, Loaders
-from sparsedist.logging import Sink, regime_key
+from sparsedist.logging import Sink
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity, StepStats
 from sparsedist.train.distributed import all_reduce_sum, world

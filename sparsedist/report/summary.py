@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from sparsedist.logging import regime_key
+from sparsedist.config import regime_key
 
 
 def summarize(records: list[dict[str, Any]], *, select_keep_ratio: float) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparsedist.launch.summary import regime_table, summarize
+from sparsedist.report.summary import regime_table, summarize
 
 
 def epoch(index, val, test, is_best, eval_done=True, keep=0.5, events=None):
