@@ -86,13 +86,13 @@ def test_cli_validate_exit_codes_and_output(tmp_path):
     assert missing.returncode == 2 and "paper-s1" in missing.stderr
 
 
-def test_readme_config_reference_is_current():
+def test_the_configuration_reference_is_current():
     from pathlib import Path
 
     from sparsedist.config import reference_markdown
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert reference_markdown() in readme, "regenerate the README table with `sparsedist config reference`"
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in page, "regenerate docs/configuration.md's table with `sparsedist config reference`"
 
 
 def test_loader_threads_follow_the_worker_allotment_unless_set():
