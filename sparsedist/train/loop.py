@@ -1,9 +1,10 @@
-"""The training loop: one function that trains and evaluates a `Config` on given loaders.
+"""The training loop: `train` trains and evaluates a `Config` on given loaders.
 
-Read top to bottom: build (model + sparsity, optimizer, schedule, controller) -> maybe resume ->
-per epoch: train steps (forward, all-reduced metrics, update, sparsity statistics, controller) ->
-per-regime evaluation -> epoch record -> `on_epoch_end` (checkpointing is the caller's choice).
-Works on one process or under torch.distributed's default group; it never imports Ray.
+`train` reads as its phases, each a method of `_Training`: build (model + sparsity, optimizer,
+schedule, controller, loss scaler) -> maybe `restore` -> per epoch: `train_epoch` (`run_step` queues a
+step on the device, `read_step` is the host's part: skip, controller, records) -> `evaluate` (the
+regime grid and the training keep ratio) -> `record_epoch` -> `on_epoch_end` (checkpointing is the
+caller's choice). Works on one process or under torch.distributed's default group; it never imports Ray.
 """
 
 from __future__ import annotations
@@ -224,10 +225,219 @@ def evaluate_training_regime(model: nn.Module, sparsity: ActivationSparsity, loa
     return {"keep_ratio": sparsity.keep_ratio, **accuracies}
 
 
+class _Training:
+    """One training run's state (model, optimizer, schedule, controller, sparsity, loss scaler, counters)
+    and its phases as methods; `train` calls them in order."""
+
+    def __init__(self, cfg: Config, loaders: Loaders, device: torch.device, sinks: Sequence[Sink]):
+        self.cfg, self.loaders, self.device, self.sinks = cfg, loaders, device, sinks
+        self.rank, world_size = world()
+        steps_per_epoch = len(loaders.train)
+        self.controller = build_controller(cfg.controller, steps_per_epoch)
+        self.sparsity = ActivationSparsity(cfg.sparsity.scope, keep_ratio=self.controller.keep_ratio)
+        model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, self.sparsity.new_site).to(device)
+        if device.type == "cuda" and cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.sparsity.to(device)  # rho, tau and the step counts live where the sites run
+        # DDP averages gradients; every replica already starts from the same seeded initialization.
+        self.trained = DistributedDataParallel(model) if world_size > 1 else model
+        if cfg.train.compile:
+            self.trained = torch.compile(self.trained)  # training forwards only; evaluation runs `model` eagerly
+        self.optimizer = build_optimizer(cfg, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.scaler = LossScaler(cfg.train.loss_scale_init, device) if cfg.train.precision == "fp16" else None
+        self.select_split = "val" if cfg.eval.selection == "heldout" else "test"
+        self.step, self.best_selected, self.consecutive_nonfinite = 0, None, 0
+        self.result = TrainResult(model=model, sparsity=self.sparsity, final_record=None, best_record=None)
+        # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
+        # non-finite loss and gradient flags, the loss scale, then `StepStats.numbers` (kept and value
+        # counts per site, tau).
+        self.host_copies = HostCopies(6 + 2 * len(self.sparsity.site_names) + 1, device)
+
+    # ---- checkpoints
+    def restore(self, state: dict[str, Any]) -> int:
+        """Continue from a checkpoint's state; returns the first epoch to train."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # checkpoints of earlier versions saved a foreach SGD
+            group.update(fused=True, foreach=None)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.controller.load_state_dict(state["controller"])
+        self.sparsity.load_state_dict(state["sparsity"])
+        set_rng_state(state["rng"], self.device)
+        if self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        # "best_val" holds the best selection accuracy on either split (the key predates eval.selection)
+        self.step, self.best_selected = state["step"], state["best_val"]
+        return state["epoch"] + 1
+
+    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "controller": self.controller.state_dict(),
+            "sparsity": self.sparsity.state_dict(), "rng": rng_state(self.device), "epoch": epoch, "step": self.step,
+            "best_val": self.best_selected, "config": self.cfg.model_dump_json(),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
+        }
+
+    # ---- training
+    def write(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.write(record)
+
+    def run_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> _PendingStep:
+        """Queue one optimizer step on the device; nothing here waits for it."""
+        cfg, device, optimizer, scaler = self.cfg, self.device, self.optimizer, self.scaler
+        keep_used = self.sparsity.keep_ratio
+        with autocast(cfg.train.precision, device):
+            logits = self.trained(images)
+            loss = self.loss_fn(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
+        # step is then dropped on every rank alike (the flags are all-reduced). A finite loss can
+        # still give non-finite gradients (fp16: an overflow of the loss scale), so both are checked.
+        (loss if scaler is None else scaler.scale_loss(loss)).backward()
+        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if scaler is not None:
+            scaler.unscale_(gradients)
+        grad_norm = torch.nn.utils.get_total_norm(gradients)
+        batch = all_reduce_sum(torch.stack([
+            loss.detach().double() * labels.numel(),
+            (logits.detach().argmax(dim=1) == labels).sum().double(),
+            torch.full((), labels.numel(), dtype=torch.float64, device=device),  # a fill: no host copy
+            (~torch.isfinite(loss.detach())).double(),
+            (~torch.isfinite(grad_norm)).double(),
+        ]))
+        skipped = (batch[3] + batch[4]) > 0
+        # The skip is decided on the device: the fused SGD step reads `found_inf` and leaves the
+        # parameters and momentum untouched when it is set (torch.amp.GradScaler's mechanism;
+        # as with it, the lr schedule advances on a skipped batch too).
+        optimizer.found_inf.copy_(skipped)
+        if cfg.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
+        optimizer.step()
+        self.scheduler.step()
+        loss_scale = torch.ones((), dtype=torch.float64, device=device)
+        if scaler is not None:
+            loss_scale = scaler.scale.double()  # the scale this step ran with
+            scaler.update(skipped)
+        stats = self.sparsity.finish_step(skipped=skipped)
+        return _PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
+                            self.host_copies.send(torch.cat([batch, loss_scale.view(1), stats.numbers])))
+
+    def read_step(self, pending: _PendingStep, tally: _EpochTally) -> None:
+        """The host's part of a step, once its numbers are read: the skip, the controller, the records."""
+        cfg, controller, sparsity = self.cfg, self.controller, self.sparsity
+        loss_sum, correct, count, loss_nonfinite, grads_nonfinite, loss_scale, *statistics = (
+            self.host_copies.receive(pending.slot))
+        pending.stats.read_from(statistics)
+        # fp16: gradients that overflow the loss scale are routine; the batch still counts, as in the
+        # released script, whose controller sees every batch while GradScaler skips the update.
+        overflow = self.scaler is not None and bool(grads_nonfinite) and not loss_nonfinite
+        if (loss_nonfinite or grads_nonfinite) and not overflow:
+            tally.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            self.write({"kind": "step", "epoch": pending.epoch, "step": self.step, "skipped": True, "loss": None,
+                        "event": "nonfinite", "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold})
+            if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.consecutive_nonfinite} consecutive steps had a NaN/Inf loss (train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps}); stopping at epoch {pending.epoch}, step {self.step}. The last "
+                    "good checkpoint is intact; lower optim.lr or check the data."
+                )
+            return
+        self.consecutive_nonfinite = 0
+        self.step += 1
+        accuracy = correct / count
+        may_change = controller.next_step_may_change_keep_ratio
+        decision = controller.step(accuracy)
+        if decision.keep_ratio != sparsity.keep_ratio and not may_change:  # this step may have been read late
+            raise RuntimeError(f"the controller changed rho at step {self.step} after saying it would not: "
+                               "a strategy's next_observation_decides is wrong")
+        sparsity.set_keep_ratio(decision.keep_ratio)
+        tally.add(loss_sum, correct, count, decision.event, pending.stats.realized_keep)
+        tally.overflow_steps += overflow
+        self.result.trajectory.append({"step": self.step, "keep_ratio": pending.keep_ratio, "event": decision.event,
+                                       "threshold": pending.stats.threshold})
+        if self.step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup") or overflow:
+            self.write({
+                "kind": "step", "epoch": pending.epoch, "step": self.step, "skipped": False, "loss": loss_sum / count,
+                "accuracy": accuracy, "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold,
+                "realized_keep": pending.stats.realized_keep, "event": decision.event, "lr": pending.lr,
+                "density": pending.stats.site_density,
+                **({"loss_scale": loss_scale, "overflow": overflow} if self.scaler is not None else {}),
+            })
+
+    def train_epoch(self, epoch: int) -> tuple[_EpochTally, float]:
+        """One epoch's steps; returns their tally and the seconds they took."""
+        self.loaders.train.set_epoch(epoch)
+        self.model.train()
+        self.sparsity.collecting = True
+        tally = _EpochTally()
+        start = time.perf_counter()
+        queued: deque[_PendingStep] = deque()
+        for images, labels in self.loaders.train:
+            queued.append(self.run_step(images, labels, epoch))
+            # Read the steps before this one (the device has moved on to this one), and this one too
+            # when the controller may change rho after it: the next batch must run at the decided rho.
+            # Every other step is read one step late, and the device never waits for the host.
+            while len(queued) > 1 or (queued and self.controller.next_step_may_change_keep_ratio):
+                self.read_step(queued.popleft(), tally)
+        while queued:
+            self.read_step(queued.popleft(), tally)
+        return tally, time.perf_counter() - start
+
+    # ---- evaluation and the epoch record
+    def evaluate(self, epoch: int) -> tuple[dict, dict, dict]:
+        """The regime grid and the training keep ratio on the evaluation epochs; empty otherwise."""
+        cfg = self.cfg
+        if epoch != cfg.train.epochs - 1 and (epoch + 1) % cfg.eval.every_epochs:
+            return {}, {}, {}
+        accuracies, calibration = evaluate_regimes(self.model, self.sparsity, self.loaders, cfg, self.device)
+        return accuracies, calibration, evaluate_training_regime(self.model, self.sparsity, self.loaders, cfg, self.device)
+
+    def record_epoch(self, epoch: int, tally: _EpochTally, train_time: float,
+                     evaluation: tuple[dict, dict, dict]) -> tuple[dict[str, Any], bool]:
+        """The epoch record (written to the sinks) and whether its checkpoint is the best so far."""
+        cfg, sparsity = self.cfg, self.sparsity
+        accuracies, calibration, at_training_keep = evaluation
+        selection_accuracy = accuracies.get(self.select_split, {}).get(regime_key(cfg.eval.select_keep_ratio))
+        is_best = selection_accuracy is not None and (self.best_selected is None or selection_accuracy > self.best_selected)
+        if is_best:
+            self.best_selected = selection_accuracy
+        train_accuracy = tally.correct / max(tally.examples, 1)
+        stalled = at_chance(train_accuracy, self.loaders.spec.num_classes, epoch)
+        if stalled and self.rank == 0:
+            log.warning("not learning: epoch %d training accuracy %.3f is at chance (1/%d); the controller's "
+                        "decisions mean nothing until it learns (see optim.clip_grad_norm, optim.lr; docs/recipe.md)",
+                        epoch + 1, train_accuracy, self.loaders.spec.num_classes)
+        record = {
+            "kind": "epoch", "epoch": epoch, "step": self.step,
+            "train_loss": tally.loss / max(tally.examples, 1),
+            "train_accuracy": train_accuracy, "at_chance": stalled,
+            "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
+            "realized_keep": tally.realized_keep / max(1, tally.trained_steps), "events": dict(tally.events),
+            "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
+            "images_per_sec": tally.examples / train_time if train_time > 0 else 0.0,
+            "nonfinite_steps": tally.nonfinite_steps, "overflow_steps": tally.overflow_steps, "is_best": is_best,
+            # Selection is labelled by its split: best-on-test (eval.selection paper) is never called validation.
+            "selection": cfg.eval.selection,
+            "best_val_accuracy": self.best_selected if self.select_split == "val" else None,
+            "best_test_accuracy": self.best_selected if self.select_split == "test" else None,
+            "eval": accuracies, "eval_current": at_training_keep, "calibration": calibration,
+        }
+        self.write(record)
+        self.result.final_record = record
+        if is_best:
+            self.result.best_record = record
+        return record, is_best
+
+
 def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequence[Sink] = (),
           on_epoch_end: Callable[[EpochEnd], None] | None = None,
           resume_state: dict[str, Any] | None = None) -> TrainResult:
-    rank, world_size = world()
     if device.type == "cuda":
         # Bitwise-reproducible steps (seeded reruns, resume): cuDNN's autotuner and non-deterministic
         # kernels would let an attempt drift from the one it continues. cuBLAS needs
@@ -236,193 +446,12 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
-
-    # ---- build
-    steps_per_epoch = len(loaders.train)
-    controller = build_controller(cfg.controller, steps_per_epoch)
-    sparsity = ActivationSparsity(cfg.sparsity.scope, keep_ratio=controller.keep_ratio)
-    model = build_model(cfg.model, loaders.spec.channels, loaders.spec.num_classes, sparsity.new_site).to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    sparsity.to(device)  # rho, tau and the step counts live where the sites run
-    # DDP averages gradients; every replica already starts from the same seeded initialization.
-    trained = DistributedDataParallel(model) if world_size > 1 else model
-    if cfg.train.compile:
-        trained = torch.compile(trained)  # training forwards only; evaluation runs `model` eagerly
-    optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps_per_epoch))
-    loss_fn = nn.CrossEntropyLoss()
-    scaler = LossScaler(cfg.train.loss_scale_init, device) if cfg.train.precision == "fp16" else None
-    select_split = "val" if cfg.eval.selection == "heldout" else "test"
-
-    start_epoch, step, best_selected = 0, 0, None
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        for group in optimizer.param_groups:  # checkpoints of earlier versions saved a foreach SGD
-            group.update(fused=True, foreach=None)
-        scheduler.load_state_dict(resume_state["scheduler"])
-        controller.load_state_dict(resume_state["controller"])
-        sparsity.load_state_dict(resume_state["sparsity"])
-        set_rng_state(resume_state["rng"], device)
-        if scaler is not None:
-            scaler.load_state_dict(resume_state["scaler"])
-        # "best_val" holds the best selection accuracy on either split (the key predates eval.selection)
-        start_epoch, step, best_selected = resume_state["epoch"] + 1, resume_state["step"], resume_state["best_val"]
-
-    def checkpoint_state(epoch: int) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "controller": controller.state_dict(), "sparsity": sparsity.state_dict(), "rng": rng_state(device),
-            "epoch": epoch, "step": step, "best_val": best_selected, "config": cfg.model_dump_json(),
-            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-        }
-
-    result = TrainResult(model=model, sparsity=sparsity, final_record=None, best_record=None)
-    consecutive_nonfinite = 0
-    # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
-    # non-finite loss and gradient flags, the loss scale, then `StepStats.numbers` (kept and value
-    # counts per site, tau).
-    host_copies = HostCopies(6 + 2 * len(sparsity.site_names) + 1, device)
-
-    def read_step(pending: _PendingStep, tally: _EpochTally) -> None:
-        """The host's part of a step, once its numbers are read: the skip, the controller, the records."""
-        nonlocal step, consecutive_nonfinite
-        loss_sum, correct, count, loss_nonfinite, grads_nonfinite, loss_scale, *statistics = host_copies.receive(pending.slot)
-        pending.stats.read_from(statistics)
-        # fp16: gradients that overflow the loss scale are routine; the batch still counts, as in the
-        # released script, whose controller sees every batch while GradScaler skips the update.
-        overflow = scaler is not None and bool(grads_nonfinite) and not loss_nonfinite
-        if (loss_nonfinite or grads_nonfinite) and not overflow:
-            tally.nonfinite_steps += 1
-            consecutive_nonfinite += 1
-            record = {"kind": "step", "epoch": pending.epoch, "step": step, "skipped": True, "loss": None,
-                      "event": "nonfinite", "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold}
-            for sink in sinks:
-                sink.write(record)
-            if consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{consecutive_nonfinite} consecutive steps had a NaN/Inf loss (train.max_nonfinite_steps="
-                    f"{cfg.train.max_nonfinite_steps}); stopping at epoch {pending.epoch}, step {step}. The last good "
-                    "checkpoint is intact; lower optim.lr or check the data."
-                )
-            return
-        consecutive_nonfinite = 0
-        step += 1
-        accuracy = correct / count
-        may_change = controller.next_step_may_change_keep_ratio
-        decision = controller.step(accuracy)
-        if decision.keep_ratio != sparsity.keep_ratio and not may_change:  # this step may have been read late
-            raise RuntimeError(f"the controller changed rho at step {step} after saying it would not: "
-                               "a strategy's next_observation_decides is wrong")
-        sparsity.set_keep_ratio(decision.keep_ratio)
-        tally.add(loss_sum, correct, count, decision.event, pending.stats.realized_keep)
-        tally.overflow_steps += overflow
-        result.trajectory.append({"step": step, "keep_ratio": pending.keep_ratio, "event": decision.event,
-                                  "threshold": pending.stats.threshold})
-        if step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup") or overflow:
-            record = {
-                "kind": "step", "epoch": pending.epoch, "step": step, "skipped": False, "loss": loss_sum / count,
-                "accuracy": accuracy, "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold,
-                "realized_keep": pending.stats.realized_keep, "event": decision.event, "lr": pending.lr,
-                "density": pending.stats.site_density,
-                **({"loss_scale": loss_scale, "overflow": overflow} if scaler is not None else {}),
-            }
-            for sink in sinks:
-                sink.write(record)
-
+    run = _Training(cfg, loaders, device, sinks)
+    start_epoch = 0 if resume_state is None else run.restore(resume_state)
     for epoch in range(start_epoch, cfg.train.epochs):
-        # ---- train one epoch
-        loaders.train.set_epoch(epoch)
-        model.train()
-        sparsity.collecting = True
-        tally = _EpochTally()
-        epoch_start = time.perf_counter()
-        queued: deque[_PendingStep] = deque()
-        for images, labels in loaders.train:
-            keep_used = sparsity.keep_ratio
-            with autocast(cfg.train.precision, device):
-                logits = trained(images)
-                loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            # Backward always runs so every DDP replica joins the gradient all-reduce; a non-finite
-            # step is then dropped on every rank alike (the flags are all-reduced). A finite loss can
-            # still give non-finite gradients (fp16: an overflow of the loss scale), so both are checked.
-            (loss if scaler is None else scaler.scale_loss(loss)).backward()
-            gradients = [p.grad for p in model.parameters() if p.grad is not None]
-            if scaler is not None:
-                scaler.unscale_(gradients)
-            grad_norm = torch.nn.utils.get_total_norm(gradients)
-            batch = all_reduce_sum(torch.stack([
-                loss.detach().double() * labels.numel(),
-                (logits.detach().argmax(dim=1) == labels).sum().double(),
-                torch.full((), labels.numel(), dtype=torch.float64, device=device),  # a fill: no host copy
-                (~torch.isfinite(loss.detach())).double(),
-                (~torch.isfinite(grad_norm)).double(),
-            ]))
-            skipped = (batch[3] + batch[4]) > 0
-            # The skip is decided on the device: the fused SGD step reads `found_inf` and leaves the
-            # parameters and momentum untouched when it is set (torch.amp.GradScaler's mechanism;
-            # as with it, the lr schedule advances on a skipped batch too).
-            optimizer.found_inf.copy_(skipped)
-            if cfg.optim.clip_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_scale = torch.ones((), dtype=torch.float64, device=device)
-            if scaler is not None:
-                loss_scale = scaler.scale.double()  # the scale this step ran with
-                scaler.update(skipped)
-            stats = sparsity.finish_step(skipped=skipped)
-            queued.append(_PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
-                                       host_copies.send(torch.cat([batch, loss_scale.view(1), stats.numbers]))))
-            # Read the steps before this one (the device has moved on to this one), and this one too
-            # when the controller may change rho after it: the next batch must run at the decided rho.
-            # Every other step is read one step late, and the device never waits for the host.
-            while len(queued) > 1 or (queued and controller.next_step_may_change_keep_ratio):
-                read_step(queued.popleft(), tally)
-        while queued:
-            read_step(queued.popleft(), tally)
-        train_time = time.perf_counter() - epoch_start
-
-        # ---- evaluate the per-regime grid
-        last_epoch = epoch == cfg.train.epochs - 1
-        accuracies, calibration, at_training_keep = {}, {}, {}
-        if last_epoch or (epoch + 1) % cfg.eval.every_epochs == 0:
-            accuracies, calibration = evaluate_regimes(model, sparsity, loaders, cfg, device)
-            at_training_keep = evaluate_training_regime(model, sparsity, loaders, cfg, device)
-        selection_accuracy = accuracies.get(select_split, {}).get(regime_key(cfg.eval.select_keep_ratio))
-        is_best = selection_accuracy is not None and (best_selected is None or selection_accuracy > best_selected)
-        if is_best:
-            best_selected = selection_accuracy
-
-        train_accuracy = tally.correct / max(tally.examples, 1)
-        stalled = at_chance(train_accuracy, loaders.spec.num_classes, epoch)
-        if stalled and rank == 0:
-            log.warning("not learning: epoch %d training accuracy %.3f is at chance (1/%d); the controller's "
-                        "decisions mean nothing until it learns (see optim.clip_grad_norm, optim.lr; README: Training recipe)",
-                        epoch + 1, train_accuracy, loaders.spec.num_classes)
-        record = {
-            "kind": "epoch", "epoch": epoch, "step": step,
-            "train_loss": tally.loss / max(tally.examples, 1),
-            "train_accuracy": train_accuracy, "at_chance": stalled,
-            "keep_ratio": sparsity.keep_ratio, "threshold": sparsity.threshold,
-            "realized_keep": tally.realized_keep / max(1, tally.trained_steps), "events": dict(tally.events),
-            "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": train_time,
-            "images_per_sec": tally.examples / train_time if train_time > 0 else 0.0,
-            "nonfinite_steps": tally.nonfinite_steps, "overflow_steps": tally.overflow_steps, "is_best": is_best,
-            # Selection is labelled by its split: best-on-test (eval.selection paper) is never called validation.
-            "selection": cfg.eval.selection,
-            "best_val_accuracy": best_selected if select_split == "val" else None,
-            "best_test_accuracy": best_selected if select_split == "test" else None,
-            "eval": accuracies, "eval_current": at_training_keep, "calibration": calibration,
-        }
-        for sink in sinks:
-            sink.write(record)
-        result.final_record = record
-        if is_best:
-            result.best_record = record
+        tally, train_time = run.train_epoch(epoch)
+        record, is_best = run.record_epoch(epoch, tally, train_time, run.evaluate(epoch))
         if on_epoch_end is not None:
             on_epoch_end(EpochEnd(epoch=epoch, record=record, is_best=is_best,
-                                  state=lambda epoch=epoch: checkpoint_state(epoch)))
-    return result
+                                  state=lambda epoch=epoch: run.checkpoint_state(epoch)))
+    return run.result
