@@ -28,13 +28,17 @@ METRIC = "eval/test/accuracy/keep_1.00"  # reported under both rules (FIFO runs 
 
 
 def reproduce_spec(seeds: int = 3, selections: tuple[str, ...] = SELECTIONS, overrides: list[str] = (),
-                   use_gpu: bool = False) -> SweepSpec:
+                   use_gpu: bool = False, arms: tuple[str, ...] = tuple(ARMS)) -> SweepSpec:
     """The sweep: the paper-dense base (plus --set), the arms' controller sections from their presets."""
-    if seeds < 1:
-        raise ConfigError([("--seeds", "must be >= 1", seeds)])
+    problems = [("--seeds", "must be >= 1", seeds)] if seeds < 1 else []
+    problems += [("--arms", f"unknown arm; arms: {', '.join(ARMS)}", arm) for arm in arms if arm not in ARMS]
+    if "dense" not in arms:
+        problems.append(("--arms", "the table compares every arm with dense: include it", ",".join(arms)))
+    if problems:
+        raise ConfigError(problems)
     base = apply_overrides(load_source(ARMS["dense"]), [*overrides, *(["scaling.use_gpu=true"] if use_gpu else [])])
     space = {
-        "controller": {"grid": {arm: {"preset": preset} for arm, preset in ARMS.items()}},
+        "controller": {"grid": {arm: {"preset": preset} for arm, preset in ARMS.items() if arm in arms}},
         SELECTION_PATH: {"grid": list(selections)},
         "run.seed": {"grid": [PAPER_SEED + index for index in range(seeds)]},
     }
@@ -46,6 +50,8 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help=f"seeds per arm and rule, from {PAPER_SEED} (default 3)")
     parser.add_argument("--selection", choices=(*SELECTIONS, "both"), default="both",
                         help="paper (best-on-test, as published), heldout (validation split) or both (default)")
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated arms to run, dense included (default: all, {','.join(ARMS)})")
     parser.add_argument("--gpu", action="store_true", help="one GPU per trial (scaling.use_gpu)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as many as fit)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -58,7 +64,7 @@ def add_reproduce_arguments(parser: argparse.ArgumentParser) -> None:
 def reproduce_from_args(args: argparse.Namespace) -> int:
     selections = SELECTIONS if args.selection == "both" else (args.selection,)
     try:
-        spec = reproduce_spec(args.seeds, selections, args.set, use_gpu=args.gpu)
+        spec = reproduce_spec(args.seeds, selections, args.set, use_gpu=args.gpu, arms=tuple(args.arms.split(",")))
         sweep_dir = storage.absolute(args.sweep_dir)
         # The directory as given: run_sweep refuses a relative one on a cluster.
         run_sweep(spec, args.sweep_dir, max_concurrent=args.max_concurrent, resume=args.resume,

@@ -30,7 +30,8 @@ SELECTION_PATH = "eval.selection"
 def is_reproduction(sweep: dict) -> bool:
     """Whether a sweep.yaml is a `reproduce` sweep."""
     space = sweep.get("space") or {}
-    return SELECTION_PATH in space and set((space.get("controller") or {}).get("grid", {})) == set(ARMS)
+    arms = set((space.get("controller") or {}).get("grid", {}))
+    return SELECTION_PATH in space and "dense" in arms and arms <= set(ARMS)
 
 
 def _values(group: Group, key: str) -> list[float]:
@@ -57,12 +58,13 @@ def _rule_groups(trials: list[Trial]) -> dict[str, dict[str, Group]]:
     return {rule: rules[rule] for rule in SELECTIONS if rule in rules}
 
 
-def paper_table(trials: list[Trial], seeds: int) -> str:
-    """The markdown of paper_table.md."""
+def paper_table(trials: list[Trial], space: dict) -> str:
+    """The markdown of paper_table.md for the trials of a reproduce sweep over `space` (its sweep.yaml's)."""
     keys = regime_keys(trials)
     rules = _rule_groups(trials)
     completed = sum(t.status == "completed" for t in trials)
-    expected = seeds * len(ARMS) * len(rules or SELECTIONS)
+    seeds = len(space["run.seed"]["grid"])
+    expected = seeds * len(space["controller"]["grid"]) * len(space[SELECTION_PATH]["grid"])
     lines = [
         "# The paper's table, reproduced", "",
         f"{completed} of {expected} trials completed ({seeds} seeds per arm and rule, from {PAPER_SEED}); "
@@ -98,10 +100,9 @@ def write_paper_table(sweep_dir: str, trials: list[Trial] | None = None, out_dir
 
     sweep = read_sweep_file(sweep_dir)
     trials = read_trials(sweep_dir) if trials is None else trials
-    seeds = len(sweep["space"]["run.seed"]["grid"])
     local = out_dir or storage.working_dir(sweep_dir, "sweeps")
     with open(os.path.join(local, TABLE_FILE), "w", encoding="utf-8") as handle:
-        handle.write(paper_table(trials, seeds))
+        handle.write(paper_table(trials, sweep["space"]))
     panels = {RULE_TITLES[rule]: [Series(ARM_NAMES[arm], [t.run for t in group.completed]) for arm, group in arms.items()]
               for rule, arms in _rule_groups(trials).items()}
     plot_reproduction(panels, {ARM_NAMES[arm]: accuracy for arm, accuracy in PAPER_RESULTS.items()},
