@@ -11,8 +11,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(precision: str, device: torch.device) -> ContextManager:
-    """bf16/fp16 autocast on CUDA; CPU computes in fp32 (its half-precision convolutions are slow, and no
-    paper number was computed on a CPU)."""
+    """bf16/fp16 autocast on CUDA; CPU computes in fp32 (fp16 convolutions run 12-17x slower there, and the
+    paper's precision is a GPU setting: docs/performance.md)."""
     if precision in AUTOCAST_DTYPES and device.type == "cuda":
         return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
     return nullcontext()
