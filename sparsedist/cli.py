@@ -8,17 +8,9 @@ import sys
 from typing import Callable
 
 from sparsedist.config import CONFIG_HELP, ConfigError, add_config_arguments, load_config
+from sparsedist.provenance import package_version
 
 EXIT_CONFIG = 2
-
-
-def installed_version() -> str:
-    from importlib import metadata  # not sparsedist.provenance: it imports torch, and this must stay instant
-
-    try:
-        return metadata.version("sparsedist")
-    except metadata.PackageNotFoundError:
-        return "unknown (a source tree, not installed)"
 
 
 
@@ -118,7 +110,7 @@ RUNNERS = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsedist", description="Activation-sparsity regime training on Ray.")
-    parser.add_argument("--version", action="version", version=f"sparsedist {installed_version()}")
+    parser.add_argument("--version", action="version", version=f"sparsedist {package_version('sparsedist') or 'unknown (a source tree, not installed)'}")
     commands = parser.add_subparsers(dest="command", required=True)
     invoked = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
     for name, (module_name, add_arguments, run, help_text) in RUNNERS.items():

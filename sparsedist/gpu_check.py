@@ -163,19 +163,19 @@ def _outcomes_from_log(log_text: str, pending: list[str], outcome: str, message:
 def _wait_for_progress(run: subprocess.Popen, log_path: str, start: int, deadline: float, test_limit_s: float) -> float:
     """Wait for a pytest run to end; kill it (and its children) once one test takes `test_limit_s` or the
     deadline passes. Returns the limit it was killed at, 0 if it ended by itself."""
-    last_count, last_progress = 0, time.monotonic()
-    while run.poll() is None:
-        now = time.monotonic()
-        with open(log_path, encoding="utf-8", errors="replace") as log:
-            log.seek(start)
-            count = len(_finished(log.read()))
-        if count != last_count:
-            last_count, last_progress = count, now
-        if now - last_progress > test_limit_s or now > deadline:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-            return min(test_limit_s, now - last_progress)
-        time.sleep(0.5)
+    last_progress, partial = time.monotonic(), ""
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        log.seek(start)
+        while run.poll() is None:
+            now = time.monotonic()
+            *lines, partial = (partial + log.read()).split("\n")  # the last piece may be half-written
+            if _finished("\n".join(lines)):  # a test finished since the last look
+                last_progress = now
+            if now - last_progress > test_limit_s or now > deadline:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+                return min(test_limit_s, now - last_progress)
+            time.sleep(0.5)
     return 0.0
 
 

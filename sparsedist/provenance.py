@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PACKAGES = ("sparsedist", "ray", "ffcv", "numpy")
 # Where the code travels without its repository (a Ray job's working_dir excludes .git), the driver or the
@@ -47,6 +48,8 @@ def source_commit() -> str | None:
 
 
 def provenance(device: torch.device, world_size: int, nodes: int) -> dict[str, Any]:
+    import torch  # here: `sparsedist --version` reads package_version without loading torch
+
     cuda = device.type == "cuda"
     return {
         # torch's own version string keeps the build tag (+cu130, +cpu) that package metadata drops.

@@ -255,6 +255,7 @@ class _Training:
         # non-finite loss and gradient flags, the loss scale, then `StepStats.numbers` (kept and value
         # counts per site, tau).
         self.host_copies = HostCopies(6 + 2 * len(self.sparsity.site_names) + 1, device)
+        self.unit_scale = torch.ones(1, dtype=torch.float64, device=device)  # the loss scale without a scaler
 
     # ---- checkpoints
     def restore(self, state: dict[str, Any]) -> int:
@@ -319,13 +320,13 @@ class _Training:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), cfg.optim.clip_grad_norm, grad_norm)
         optimizer.step()
         self.scheduler.step()
-        loss_scale = torch.ones((), dtype=torch.float64, device=device)
+        loss_scale = self.unit_scale
         if scaler is not None:
-            loss_scale = scaler.scale.double()  # the scale this step ran with
+            loss_scale = scaler.scale.double().view(1)  # a copy: the scale this step ran with
             scaler.update(skipped)
         stats = self.sparsity.finish_step(skipped=skipped)
         return _PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
-                            self.host_copies.send(torch.cat([batch, loss_scale.view(1), stats.numbers])))
+                            self.host_copies.send(torch.cat([batch, loss_scale, stats.numbers])))
 
     def read_step(self, pending: _PendingStep, tally: _EpochTally) -> None:
         """The host's part of a step, once its numbers are read: the skip, the controller, the records."""
