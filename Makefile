@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# torch first and pinned: ray[train] would otherwise pull a different build.
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -c constraints.txt numpy numba cython pkgconfig
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,test]'
 	touch $(STAMP)
 
 system-deps:

@@ -9,7 +9,7 @@ sudo apt-get update -qq
 sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopencv-dev libturbojpeg0-dev pkg-config >/dev/null
 pip install --quiet torch==2.14.1 torchvision==0.29.1
 pip install --quiet -c "$repo/constraints.txt" numpy numba cython pkgconfig
-pip install --quiet -c "$repo/constraints.txt" -e "$repo"
+pip install --quiet -c "$repo/constraints.txt" -e "$repo[train,tune,mlflow]"  # what runs on nodes: trials, sweeps, tracking
 python -c "import ffcv, sparsedist.launch.train" # fail the node setup, not the first job, when a build broke
 # On a GPU node (not while building an image): the pinned torch must see the GPU through this node's
 # driver (a CUDA 13 build needs driver R580 or newer) and NCCL must run, or the node fails here, not the job.

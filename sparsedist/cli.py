@@ -8,6 +8,7 @@ import sys
 from typing import Callable
 
 from sparsedist.config import CONFIG_HELP, ConfigError, add_config_arguments, load_config
+from sparsedist.extras import MissingExtraError, require
 from sparsedist.provenance import package_version
 
 EXIT_CONFIG = 2
@@ -34,6 +35,7 @@ def cmd_config_reference(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    require("train", "sparsedist data prepare")
     from sparsedist.data import DataUnavailableError, prepare
     from sparsedist.storage import StorageError
 
@@ -75,6 +77,7 @@ def cmd_bench_inference(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
+    require("train", "sparsedist bench data")
     from sparsedist.bench.data import run_data_benchmark
 
     run_data_benchmark(json_out=args.json)
@@ -82,28 +85,29 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_sweep(args: argparse.Namespace) -> int:
+    require("tune", "sparsedist bench sweep")
     from sparsedist.bench.sweep import run_sweep_benchmark
 
     run_sweep_benchmark(trials=args.trials, json_out=args.json)
     return 0
 
 
-# Commands whose flags live beside their (heavy) implementation: (module, add-arguments, run, help).
+# Commands whose flags live beside their (heavy) implementation: (extra, module, add-arguments, run, help).
 # Only the invoked one is imported, so `sparsedist config validate` never loads torch, Ray or FFCV.
 RUNNERS = {
-    "train": ("sparsedist.launch.train", "add_train_arguments", "train_from_args",
+    "train": ("train", "sparsedist.launch.train", "add_train_arguments", "train_from_args",
               "train through Ray Train (embedded local Ray, or the cluster RAY_ADDRESS names)"),
-    "tune": ("sparsedist.launch.tune", "add_tune_arguments", "tune_from_args",
+    "tune": ("tune", "sparsedist.launch.tune", "add_tune_arguments", "tune_from_args",
              "Ray Tune sweep over a search space (each trial a Ray Train run)"),
-    "reproduce": ("sparsedist.launch.reproduce", "add_reproduce_arguments", "reproduce_from_args",
+    "reproduce": ("tune", "sparsedist.launch.reproduce", "add_reproduce_arguments", "reproduce_from_args",
                   "the paper's table with confidence intervals: dense, Strategy 1, Strategy 2 x seeds as a sweep"),
-    "report": ("sparsedist.report.page", "add_report_arguments", "report_from_args",
+    "report": ("report", "sparsedist.report.page", "add_report_arguments", "report_from_args",
                "figures and a markdown page for run or sweep directories"),
-    "eval": ("sparsedist.report.evaluate", "add_eval_arguments", "eval_from_args",
+    "eval": ("train", "sparsedist.report.evaluate", "add_eval_arguments", "eval_from_args",
              "per-regime accuracy table of a checkpoint"),
-    "export": ("sparsedist.export.export", "add_export_arguments", "export_from_args",
+    "export": ("train", "sparsedist.export.export", "add_export_arguments", "export_from_args",
                "write a checkpoint as a self-contained model directory (safetensors, config.json, model card)"),
-    "demo": ("sparsedist.launch.demo", "add_demo_arguments", "demo_from_args",
+    "demo": ("train", "sparsedist.launch.demo", "add_demo_arguments", "demo_from_args",
              "a short 2-worker Ray Train run on offline data (make demo)"),
 }
 
@@ -113,9 +117,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sparsedist {package_version('sparsedist') or 'unknown (a source tree, not installed)'}")
     commands = parser.add_subparsers(dest="command", required=True)
     invoked = next((arg for arg in (sys.argv[1:] if argv is None else argv) if not arg.startswith("-")), None)
-    for name, (module_name, add_arguments, run, help_text) in RUNNERS.items():
+    for name, (extra, module_name, add_arguments, run, help_text) in RUNNERS.items():
         sub = commands.add_parser(name, help=help_text)
         if name == invoked:
+            require(extra, f"sparsedist {name}")
             module = importlib.import_module(module_name)
             getattr(module, add_arguments)(sub)
             sub.set_defaults(func=getattr(module, run))
@@ -154,12 +159,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
+        args = build_parser(argv).parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except ConfigError as error:
         print(error.format(), file=sys.stderr)
+        return EXIT_CONFIG
+    except MissingExtraError as error:
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_CONFIG
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from sparsedist import storage
 from sparsedist.config import Config
+from sparsedist.extras import require
 from sparsedist.logging import Sink, flatten_hparams, tensorboard_scalars
 
 RUN_DIR_TAG = "sparsedist.run_dir"
@@ -84,6 +85,12 @@ class MlflowSink:
 
     def close(self) -> None:
         self._send()  # the launch ends the MLflow run once the run's outputs exist (`log_outputs`)
+
+
+def require_backend(cfg: Config) -> None:
+    """MissingExtraError before anything starts when cfg's tracking backend is not installed."""
+    if cfg.tracking.backend == "mlflow":
+        require("mlflow", "tracking.backend: mlflow")
 
 
 def tracking_sinks(cfg: Config) -> list[Sink]:

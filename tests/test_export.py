@@ -8,8 +8,6 @@ compared with what `sparsedist eval` reports for the same checkpoint.
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -123,20 +121,6 @@ def test_uint8_and_float_pixels_give_the_same_logits(exported):
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.equal(model(images), model(images.float()))
-
-
-def test_loading_and_running_imports_neither_ray_nor_ffcv(exported):
-    script = (
-        "import sys, torch, sparsedist\n"
-        f"model = sparsedist.load_model({exported['network'][1]!r}, keep_ratio=0.05)\n"
-        "model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))\n"
-        "loaded = sorted(name for name in ('ray', 'ffcv') if name in sys.modules)\n"
-        "assert not loaded, loaded\n"
-        "print('ok', type(model).__name__, model.keep_ratio)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["ok", "SparseModel", "0.05"]
 
 
 def test_network_scope_refuses_an_untrained_ratio_unless_given_calibration_images(exported):

@@ -25,7 +25,7 @@ def parameters(model):
 def test_single_process_training_learns_and_writes_metrics(tmp_path):
     cfg = tiny_config("train.epochs=3", "train.batch_size=32")
     sink = JsonLinesSink(str(tmp_path / "metrics.jsonl"))
-    result = train(cfg, loaders_for(cfg), device=CPU, sinks=[sink])
+    train(cfg, loaders_for(cfg), device=CPU, sinks=[sink])
     sink.close()
     records = read_jsonl(str(tmp_path / "metrics.jsonl"))
     epochs = [r for r in records if r["kind"] == "epoch"]

@@ -21,7 +21,7 @@ from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session
 from sparsedist.rundir import (ATTEMPTS_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, TENSORBOARD_DIR, RunDirError,
                                check_run_dir, prepare_run_dir, recorded_failure)
 from sparsedist.storage import StorageError
-from sparsedist.tracking import log_outputs
+from sparsedist.tracking import log_outputs, require_backend
 from sparsedist.report.summary import regime_table, summarize
 from sparsedist.logging import JsonLinesTail, ProgressLine, read_jsonl
 
@@ -141,6 +141,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     # Refuse before starting anything.
     storage.check_usable(cfg.run.resolved_run_dir())
     check_run_dir(cfg, resume=resume, overwrite=overwrite)
+    require_backend(cfg)
     stream = stream or sys.stdout
     progress = ProgressLine(cfg.train.epochs, stream,
                             live=stream.isatty() and not storage.is_uri(cfg.run.resolved_run_dir()))

@@ -30,7 +30,7 @@ from sparsedist.config import (CONFIG_HELP, Config, ConfigError, ScalingConfig, 
 from sparsedist.data import DataUnavailableError, prepare
 from sparsedist.launch.cluster import RESOURCE_WAIT_S, ClusterError, ray_session, required_resources
 from sparsedist.rundir import SUMMARY_FILE
-from sparsedist.tracking import log_outputs
+from sparsedist.tracking import log_outputs, require_backend
 from sparsedist.launch.space import SearchSpace, SpaceError, check_space, parse_space
 from sparsedist.launch.train import write_json_atomic
 from sparsedist.report.sweep import (CSV_FILE, SEED_PATH, SUMMARY_MD, SWEEP_FILE, TENSORBOARD_DIR, TRIALS_DIR,
@@ -304,6 +304,8 @@ def run_sweep(spec: SweepSpec, sweep_dir: str, *, max_concurrent: int | None = N
     sweep_dir = storage.absolute(sweep_dir)
     storage.check_usable(sweep_dir)
     check_sweep_dir(spec, sweep_dir, resume)
+    for corner in corner_configs:
+        require_backend(corner)
     scaling = largest_scaling(corner_configs)
     # Tune's own state lives in the sweep directory too, on whatever filesystem holds it.
     sweep_path, filesystem = storage.ray_storage(sweep_dir)
