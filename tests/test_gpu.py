@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 from sparsedist.models import WideResNet
 from sparsedist.sparsity import ActivationSparsity, ops
 from sparsedist.sparsity.layer import top_k_mask
-from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
+from sparsedist.sparsity.threshold import HISTOGRAM_BINS, KEPT_BINS, bit_histogram, histogram_origin, zero_below
 from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
 from sparsedist.train.loop import train
 from tests.helpers import loaders_for, tiny_config
@@ -47,9 +47,13 @@ def test_kernels_on_cuda_select_what_the_cpu_reference_selects_on_the_real_site_
             assert mask.is_contiguous(memory_format=layout)
             assert torch.equal(mask.cpu(), top_k_mask(x, max(1, int(keep_ratio * x[0].numel()))))
         threshold = 1.0  # keeps about 16% of relu(randn)
-        y, histogram = ops.zero_below_with_histogram(on_gpu, torch.tensor(threshold, device=CUDA), True)
+        counts = torch.zeros(HISTOGRAM_BINS + 2, dtype=torch.int64, device=CUDA)
+        y = ops.zero_below_counting(on_gpu, torch.tensor(threshold, device=CUDA), counts, HISTOGRAM_BINS,
+                                    HISTOGRAM_BINS + 1, True, True)
+        histogram = bit_histogram(x, histogram_origin(threshold))
         assert torch.equal(y.cpu(), zero_below(x, threshold))
-        assert torch.equal(histogram.cpu().long(), bit_histogram(x, histogram_origin(threshold)))
+        assert torch.equal(counts[:HISTOGRAM_BINS].cpu(), histogram)
+        assert counts[HISTOGRAM_BINS:].tolist() == [histogram[:KEPT_BINS].sum().item(), x.numel()]
 
 
 def bf16_training_record(scope: str, use_kernels: bool, compile: bool = False,

@@ -15,7 +15,7 @@ import torch
 from sparsedist.models import WideResNet
 from sparsedist.sparsity import ActivationSparsity, ops
 from sparsedist.sparsity.layer import keep_where, key_dtype, top_k_per_sample
-from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
+from sparsedist.sparsity.threshold import HISTOGRAM_BINS, KEPT_BINS, bit_histogram, histogram_origin, zero_below
 
 DTYPES = [torch.float32, torch.bfloat16]
 LAYOUTS = [torch.contiguous_format, torch.channels_last]
@@ -49,8 +49,13 @@ def on_device_top_k(x: torch.Tensor, keep_ratio: float, use_kernel: bool) -> tor
     return keep_where(x, ops.top_k_mask(x, torch.tensor(keep_ratio, dtype=torch.float64, device=x.device), use_kernel))
 
 
-def on_device_zero_below(x: torch.Tensor, threshold: float, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return ops.zero_below_with_histogram(x, torch.tensor(threshold, device=x.device), use_kernel)
+def on_device_zero_below(x: torch.Tensor, threshold: float, use_kernel: bool, count: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, counts) of the network op for one site, counts laid out as the step's: [histogram | kept | values]."""
+    counts = torch.zeros(HISTOGRAM_BINS + 2, dtype=torch.int64, device=x.device)
+    y = ops.zero_below_and_count(x, torch.tensor(threshold, device=x.device), counts, HISTOGRAM_BINS,
+                                 HISTOGRAM_BINS + 1, count, use_kernel)
+    return y, counts
 
 
 # The second shape spans several kernel blocks per sample (1,615 values > the 1,024 of a block).
@@ -71,12 +76,15 @@ def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "eager-in-op"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_network_op_writes_the_eager_output_and_histogram_in_one_pass(dtype, layout, use_kernel):
+def test_network_op_writes_the_eager_output_and_counts_in_one_pass(dtype, layout, use_kernel):
     x = site_input((2, 3, 5, 7), dtype, layout, seed=1)
     x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), 1e-40])  # odd values must bin like the eager path
     for threshold in (0.0, 0.75):
-        histogram = on_device_zero_below(x, threshold, use_kernel)[1]
-        assert torch.equal(histogram.long(), bit_histogram(x, histogram_origin(threshold)))
+        counts = on_device_zero_below(x, threshold, use_kernel)[1]
+        histogram = bit_histogram(x, histogram_origin(threshold))
+        assert torch.equal(counts[:HISTOGRAM_BINS], histogram)
+        assert counts[HISTOGRAM_BINS:].tolist() == [histogram[:KEPT_BINS].sum().item(), x.numel()]
+        assert not on_device_zero_below(x, threshold, use_kernel, count=False)[1].any()
         ours, ours_grad = forward_and_gradient(lambda v: on_device_zero_below(v, threshold, use_kernel)[0], x)
         reference, reference_grad = forward_and_gradient(lambda v: zero_below(v, threshold), x)
         assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
@@ -123,12 +131,17 @@ from triton.compiler import ASTSource
 from sparsedist.sparsity import kernels
 
 for dtype in ("fp32", "bf16"):
-    network = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "histogram_ptr": "*i32", "threshold_ptr": "*fp32",
-               "numel": "i32", "IS_BF16": "constexpr", "BLOCK": "constexpr"}
+    network = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "counts_ptr": "*i64", "threshold_ptr": "*fp32",
+               "numel": "i32", "kept_index": "i32", "values_index": "i32", "IS_BF16": "constexpr", "COUNT": "constexpr",
+               "BLOCK": "constexpr"}
+    backward = {"grad_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "threshold_ptr": "*fp32",
+                "numel": "i32", "BLOCK": "constexpr"}
     layer = {"x_ptr": f"*{dtype}", "kept_ptr": "*i8", "keep_ratio_ptr": "*fp64", "values_per_sample": "i32",
              "channels": "i32", "pixels": "i32", "IS_BF16": "constexpr", "CHANNELS_LAST": "constexpr",
              "KEY_PASSES": "constexpr", "INDEX_PASSES": "constexpr", "BLOCK": "constexpr"}
-    sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "BLOCK": 1024})]
+    sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "COUNT": count, "BLOCK": 1024})
+               for count in (False, True)]
+    sources += [ASTSource(kernels._network_backward_kernel, backward, {"BLOCK": 1024})]
     sources += [ASTSource(kernels._layer_kernel, layer, {"IS_BF16": dtype == "bf16", "CHANNELS_LAST": channels_last,
                                                           "KEY_PASSES": 4, "INDEX_PASSES": 2, "BLOCK": 1024})
                 for channels_last in (False, True)]
@@ -143,3 +156,45 @@ def test_kernels_compile_for_a_hopper_gpu_without_one():
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# Operations that launch nothing on a GPU: allocations and views.
+NO_LAUNCH = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::view", "aten::reshape", "aten::as_strided",
+             "aten::permute", "aten::_reshape_alias", "aten::detach", "aten::alias", "aten::lift_fresh", "aten::t",
+             "aten::expand", "aten::resolve_conj", "aten::resolve_neg", "aten::zeros_like"}
+
+
+def outermost_operations(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
+    """How often each outermost operator ran in one training forward and backward, allocations and views left
+    out. (What runs inside our ops is the Triton interpreter's copying here; on a GPU, one kernel launch.)"""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        model(images).square().mean().backward()
+    counted: dict[str, int] = {}
+    for event in profile.events():
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(("aten::", "sparsedist::")):
+            parent = parent.cpu_parent
+        if event.name.startswith(("aten::", "sparsedist::")) and parent is None and event.name not in NO_LAUNCH:
+            counted[event.name] = counted.get(event.name, 0) + 1
+    return counted
+
+
+def test_network_scope_adds_one_operation_per_site_each_way():
+    """Mask, histogram, kept and value counts are one kernel forward and one backward per site: the
+    step runs exactly the operations of the same network without sites, plus those two per site."""
+    sparsity = ActivationSparsity("network", keep_ratio=1.0, use_kernels=True)
+    torch.manual_seed(0)
+    sparse = WideResNet(depth=10, widen_factor=1, make_site=sparsity.new_site)
+    torch.manual_seed(0)
+    plain = WideResNet(depth=10, widen_factor=1, make_site=lambda name: torch.nn.Identity())
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    sparse(images).square().mean().backward()
+    sparsity.finish_step()
+    sparsity.set_keep_ratio(0.1)  # a tau above 0 from here on
+    sparse.zero_grad()  # gradients start as None in both
+    assert sparsity.threshold > 0
+    with_sites, without = outermost_operations(sparse, images), outermost_operations(plain, images)
+    sites = len(sparsity.site_names)
+    assert with_sites.pop("sparsedist::zero_below_counting") == sites
+    assert with_sites.pop("sparsedist::zero_below_backward") == sites
+    assert with_sites == without

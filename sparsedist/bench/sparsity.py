@@ -28,7 +28,7 @@ from sparsedist.bench import median_latencies, run_benchmark
 from sparsedist.models.wrn import WideResNet, identity_site
 from sparsedist.sparsity import ActivationSparsity, ops
 from sparsedist.sparsity.layer import keep_where, kept_per_sample, top_k_per_sample
-from sparsedist.sparsity.threshold import bit_histogram, histogram_origin, zero_below
+from sparsedist.sparsity.threshold import HISTOGRAM_BINS, bit_histogram, histogram_origin, zero_below
 
 # Largest step time over dense's (issue 10): CPU fp32 batch 32, and CUDA bf16 batch 128.
 TARGET_RATIO = {"cpu": {"network": 1.03, "layer": 1.10}, "cuda": {"network": 1.05, "layer": 1.05}}
@@ -250,11 +250,13 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
         x = torch.relu(torch.randn(batch_size, *shape, generator=generator)).to(device, dtype, memory_format=memory_format)
         tau = float(x.flatten()[: 1 << 20].float().quantile(1 - keep_ratio))
         tau_tensor = torch.tensor(tau, device=device)
+        counts_buffer = torch.zeros(HISTOGRAM_BINS + 2, dtype=torch.int64, device=device)  # one site's step counts
         variants = {
             "layer": {"kernel": lambda: keep_where(x, ops.top_k_mask(x, keep_ratio_tensor, True)),
                       "topk_scatter": lambda: reference_top_k_per_sample(x, keep_ratio),
                       "eager": lambda: top_k_per_sample(x, keep_ratio)},
-            "network": {"kernel": lambda: ops.zero_below_with_histogram(x, tau_tensor, True),
+            "network": {"kernel": lambda: ops.zero_below_counting(x, tau_tensor, counts_buffer, HISTOGRAM_BINS,
+                                                                  HISTOGRAM_BINS + 1, True, True),
                         "eager": lambda: (zero_below(x, tau), bit_histogram(x, histogram_origin(tau)))},
         }
         row = {"shape": list(shape), "sites": sites}

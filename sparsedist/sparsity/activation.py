@@ -30,7 +30,7 @@ from sparsedist.sparsity import kernels, ops
 from sparsedist.sparsity.layer import keep_where, kept_per_sample, key_dtype, top_k_per_sample
 from sparsedist.sparsity.threshold import (
     HISTOGRAM_BINS,
-    KEPT_BINS,
+    add_site_counts,
     bit_histogram,
     bits_to_float,
     float_to_bits,
@@ -173,7 +173,6 @@ class ActivationSparsity:
             self.to(x.device)
         use_kernel = (x.is_cuda if self.use_kernels is None else self.use_kernels) and kernels.supports(x, self.scope)
         on_device = use_kernel or torch.compiler.is_compiling()  # rho and tau read from their tensors
-        histogram = None
         if self.scope == "layer":
             if not torch.compiler.is_compiling() and self._keep_ratio >= 1.0:  # in this order: no guard on rho
                 y = x  # dense: nothing to select (a compiled graph reads rho from its tensor instead)
@@ -181,15 +180,20 @@ class ActivationSparsity:
                 y = keep_where(x, ops.top_k_mask(x, self._keep_ratio_tensor, use_kernel))
             else:
                 y = top_k_per_sample(x, self._keep_ratio, self._workspace(x.numel(), key_dtype(x.dtype), x.device))
-        elif on_device:
-            y, histogram = ops.zero_below_with_histogram(x, self._threshold_tensor, use_kernel)
+            if self.collecting:
+                self._record(index, x, y)
+        elif on_device:  # the op adds the counts itself: one kernel launch on CUDA
+            y = ops.zero_below_and_count(x, self._threshold_tensor, self._counts, *self._count_indices(index),
+                                         self.collecting, use_kernel)
         else:
             threshold = self.threshold  # a host read: this is the CPU path
             y = zero_below(x, threshold)
             if self.collecting:
                 histogram = bit_histogram(x, histogram_origin(threshold), self._workspace(x.numel(), torch.int32, x.device))
+                add_site_counts(self._counts, histogram, *self._count_indices(index), x.numel())
         if self.collecting:
-            self._record(index, x, y, histogram)
+            self._site_step_bits[index] = value_step_bits(x.dtype)
+            self._recorded = True
         return y
 
     def _workspace(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -200,20 +204,19 @@ class ActivationSparsity:
             workspace = self._workspace_bytes = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return workspace[:nbytes].view(dtype)
 
-    def _record(self, index: int, x: torch.Tensor, y: torch.Tensor, histogram: torch.Tensor | None) -> None:
-        counts, sites = self._counts, len(self._site_names)
-        if histogram is None:
-            # bool().sum() counts what count_nonzero counts (NaN included), 10x faster on CPU, and
-            # there 2.5x faster again summed in int32 (exact below 2**31 values)
-            exact_in_int32 = y.is_cpu and y.numel() < 2**31
-            counts[self._histogram_bins + index] += y.bool().sum(dtype=torch.int32 if exact_in_int32 else None)
-        else:
-            # Kept values are exactly those in the bins at or above tau's origin.
-            counts[:HISTOGRAM_BINS] += histogram
-            counts[self._histogram_bins + index] += histogram[:KEPT_BINS].sum()
-        counts[self._histogram_bins + sites + index] += x.numel()
-        self._site_step_bits[index] = value_step_bits(x.dtype)
-        self._recorded = True
+    def _count_indices(self, index: int) -> tuple[int, int]:
+        """Where site `index`'s kept and value counts sit in the step's counts."""
+        kept_index = self._histogram_bins + index
+        return kept_index, kept_index + len(self._site_names)
+
+    def _record(self, index: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Layer scope: the site's kept (nonzero) and value counts."""
+        kept_index, values_index = self._count_indices(index)
+        # bool().sum() counts what count_nonzero counts (NaN included), 10x faster on CPU, and there
+        # 2.5x faster again summed in int32 (exact below 2**31 values)
+        exact_in_int32 = y.is_cpu and y.numel() < 2**31
+        self._counts[kept_index] += y.bool().sum(dtype=torch.int32 if exact_in_int32 else None)
+        self._counts[values_index] += x.numel()
 
     # ------------------------------------------------------------------ loop side
     @property

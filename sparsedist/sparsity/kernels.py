@@ -3,10 +3,11 @@
 rho and tau are read on the device (one-element tensors), so a new rho or tau needs neither a host
 round trip nor a recompilation. `ops` wraps these launchers as custom ops with autograd.
 
-`network`: one pass per site writes the masked output and adds the site's bit-pattern histogram.
-The zeros (about half of all post-ReLU values) are counted per block and added once per block, so
-the zero bin sees one atomic add per block instead of one per value; nonzero values spread over
-thousands of bins.
+`network`: one pass per site writes the masked output and adds the site's bit-pattern histogram,
+kept count and value count to the step's counts (one launch; a second one in backward). The zeros
+(about half of all post-ReLU values) are counted per block and added once per block, so the zero
+bin sees one atomic add per block instead of one per value; nonzero values spread over thousands of
+bins.
 
 `layer`: one program per sample finds the k-th largest order key by a radix search (8-bit digits
 from the top, `tl.histogram` over the values still matching the prefix found so far), then, when
@@ -26,7 +27,7 @@ import contextlib
 
 import torch
 
-from sparsedist.sparsity.threshold import HISTOGRAM_BINS
+from sparsedist.sparsity.threshold import KEPT_BINS
 
 try:
     import triton
@@ -48,6 +49,7 @@ def supports(x: torch.Tensor, scope: str) -> bool:
 
 
 if triton is not None:
+    _KEPT_BINS = tl.constexpr(KEPT_BINS)  # kernels read only constexpr globals
 
     @triton.jit
     def _float32_bits(x, IS_BF16: tl.constexpr):
@@ -59,20 +61,37 @@ if triton is not None:
         return bits
 
     @triton.jit
-    def _network_kernel(x_ptr, y_ptr, histogram_ptr, threshold_ptr, numel, IS_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    def _network_kernel(x_ptr, y_ptr, counts_ptr, threshold_ptr, numel, kept_index, values_index,
+                        IS_BF16: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr):
         threshold = tl.load(threshold_ptr)
-        origin = tl.maximum(threshold.to(tl.int32, bitcast=True), 1)  # as threshold.histogram_origin
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         in_range = offsets < numel
         x = tl.load(x_ptr + offsets, mask=in_range, other=0)
-        magnitude = _float32_bits(x, IS_BF16) & 0x7FFFFFFF  # -0.0 counts as zero
-        nonzero = in_range & (magnitude != 0)
-        tl.atomic_add(histogram_ptr + (((magnitude - origin) >> 16) & 0xFFFF), 1, mask=nonzero, sem="relaxed")
-        zeros = tl.sum((in_range & (magnitude == 0)).to(tl.int32), axis=0)
-        tl.atomic_add(histogram_ptr + (((0 - origin) >> 16) & 0xFFFF), zeros, sem="relaxed")
+        if COUNT:  # into the step's int64 counts: histogram, then this site's kept and value counts
+            origin = tl.maximum(threshold.to(tl.int32, bitcast=True), 1)  # as threshold.histogram_origin
+            magnitude = _float32_bits(x, IS_BF16) & 0x7FFFFFFF  # -0.0 counts as zero
+            bins = ((magnitude - origin) >> 16) & 0xFFFF
+            tl.atomic_add(counts_ptr + bins, 1, mask=in_range & (magnitude != 0), sem="relaxed")
+            zeros = tl.sum((in_range & (magnitude == 0)).to(tl.int64), axis=0)
+            tl.atomic_add(counts_ptr + (((0 - origin) >> 16) & 0xFFFF), zeros, sem="relaxed")
+            # Kept values are those stored in the bins below KEPT_BINS (the zeros never are).
+            kept = tl.sum((in_range & (bins < _KEPT_BINS)).to(tl.int64), axis=0)
+            tl.atomic_add(counts_ptr + kept_index, kept, sem="relaxed")
+            tl.atomic_add(counts_ptr + values_index, numel.to(tl.int64), mask=tl.program_id(0) == 0, sem="relaxed")
         # As zero_below: keep x >= tau (compared exactly in float32), everything at tau 0; NaN passes.
         lowest_kept = tl.where(threshold > 0, threshold, float("-inf"))
         tl.store(y_ptr + offsets, tl.where(x.to(tl.float32) < lowest_kept, 0.0, x).to(x.dtype), mask=in_range)
+
+    @triton.jit
+    def _network_backward_kernel(grad_ptr, x_ptr, out_ptr, threshold_ptr, numel, BLOCK: tl.constexpr):
+        threshold = tl.load(threshold_ptr)
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        in_range = offsets < numel
+        x = tl.load(x_ptr + offsets, mask=in_range, other=0)
+        grad = tl.load(grad_ptr + offsets, mask=in_range, other=0)
+        # As zero_below's gradient: through x >= tau (exact in float32), everywhere at tau 0.
+        through_kept = tl.where(x.to(tl.float32) >= threshold, grad, 0.0)
+        tl.store(out_ptr + offsets, tl.where(threshold > 0, through_kept, grad).to(grad.dtype), mask=in_range)
 
     @triton.jit
     def _order_keys(x, IS_BF16: tl.constexpr):
@@ -164,16 +183,30 @@ def _on_device_of(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def zero_below_with_histogram(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(`threshold.zero_below(x, tau)`, `threshold.bit_histogram(x, histogram_origin(tau))` as int32) in
-    one pass over x; tau is read on the device from `threshold` (float32, one element). No autograd."""
-    histogram = torch.zeros(HISTOGRAM_BINS, dtype=torch.int32, device=x.device)
+def zero_below_counting(x: torch.Tensor, threshold: torch.Tensor, counts: torch.Tensor, kept_index: int,
+                        values_index: int, count: bool) -> torch.Tensor:
+    """`threshold.zero_below(x, tau)` in one pass over x, tau read on the device from `threshold` (float32,
+    one element). With `count`, the same pass adds x's `bit_histogram` (origin of tau) to counts[:HISTOGRAM_BINS],
+    its kept count to counts[kept_index] and its value count to counts[values_index] (counts: int64). No autograd."""
     y = torch.empty_like(x)
     flat = _memory_order(x.detach())
     with _on_device_of(x):
         _network_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](
-            flat, _memory_order(y), histogram, threshold, flat.numel(), IS_BF16=x.dtype == torch.bfloat16, BLOCK=_BLOCK)
-    return y, histogram
+            flat, _memory_order(y), counts, threshold, flat.numel(), kept_index, values_index,
+            IS_BF16=x.dtype == torch.bfloat16, COUNT=count, BLOCK=_BLOCK)
+    return y
+
+
+def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0; one pass."""
+    if grad.stride() != x.stride():  # the same memory order as x (a copy only for unusual gradients)
+        grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
+    out = torch.empty_like(grad)
+    flat = _memory_order(x.detach())
+    with _on_device_of(x):
+        _network_backward_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](
+            _memory_order(grad), flat, _memory_order(out), threshold, flat.numel(), BLOCK=_BLOCK)
+    return out
 
 
 def top_k_mask(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.Tensor:

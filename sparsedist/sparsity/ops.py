@@ -14,7 +14,7 @@ import torch
 from sparsedist.sparsity import kernels
 from sparsedist.sparsity.layer import kept_per_sample
 from sparsedist.sparsity.layer import top_k_mask as eager_top_k_mask
-from sparsedist.sparsity.threshold import HISTOGRAM_BINS, bit_histogram, histogram_origin, zero_below
+from sparsedist.sparsity.threshold import add_site_counts, bit_histogram, histogram_origin, zero_below
 
 
 @torch.library.custom_op("sparsedist::top_k_mask", mutates_args=())
@@ -31,31 +31,56 @@ def _(x: torch.Tensor, keep_ratio: torch.Tensor, use_kernel: bool) -> torch.Tens
     return torch.empty_like(x, dtype=torch.bool)
 
 
-@torch.library.custom_op("sparsedist::zero_below_with_histogram", mutates_args=())
-def zero_below_with_histogram(x: torch.Tensor, threshold: torch.Tensor, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x where x >= tau else 0, x's bit-pattern histogram relative to tau's origin as int32)."""
+@torch.library.custom_op("sparsedist::zero_below_counting", mutates_args=("counts",))
+def zero_below_counting(x: torch.Tensor, threshold: torch.Tensor, counts: torch.Tensor, kept_index: int,
+                        values_index: int, count: bool, use_kernel: bool) -> torch.Tensor:
+    """x where x >= tau else 0; with `count`, adds x's bit-pattern histogram (relative to tau's origin) to
+    counts[:HISTOGRAM_BINS], its kept count to counts[kept_index] and its value count to counts[values_index]."""
     if use_kernel:
-        return kernels.zero_below_with_histogram(x, threshold)
+        return kernels.zero_below_counting(x, threshold, counts, kept_index, values_index, count)
     tau = threshold.item()
-    histogram = bit_histogram(x, histogram_origin(tau)).to(torch.int32)
-    return torch.empty_like(x).copy_(zero_below(x, tau)), histogram
+    if count:
+        add_site_counts(counts, bit_histogram(x, histogram_origin(tau)), kept_index, values_index, x.numel())
+    return torch.empty_like(x).copy_(zero_below(x, tau))
 
 
-@zero_below_with_histogram.register_fake
-def _(x: torch.Tensor, threshold: torch.Tensor, use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.empty_like(x), x.new_empty(HISTOGRAM_BINS, dtype=torch.int32)
+@zero_below_counting.register_fake
+def _(x, threshold, counts, kept_index, values_index, count, use_kernel) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
-def _save_input_and_threshold(ctx, inputs, output) -> None:
-    x, threshold, _ = inputs
-    ctx.save_for_backward(x, threshold)  # x is the ReLU output the ReLU saved already: no extra memory
+@torch.library.custom_op("sparsedist::zero_below_backward", mutates_args=())
+def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Tensor, use_kernel: bool) -> torch.Tensor:
+    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0."""
+    if use_kernel:
+        return kernels.zero_below_backward(grad, x, threshold)
+    return torch.where((x.float() >= threshold) | (threshold <= 0), grad, 0.0)
 
 
-def _gradient_through_kept(ctx, grad: torch.Tensor, _histogram_grad: torch.Tensor | None):
-    x, threshold = ctx.saved_tensors
-    # zero_below's gradient: where x >= tau (exact in float32), everywhere at tau 0.
-    kept = (x.float() >= threshold) | (threshold <= 0)
-    return torch.where(kept, grad, 0.0), None, None
+@zero_below_backward.register_fake
+def _(grad, x, threshold, use_kernel) -> torch.Tensor:
+    return torch.empty_like(grad)
 
 
-zero_below_with_histogram.register_autograd(_gradient_through_kept, setup_context=_save_input_and_threshold)
+class _ZeroBelowCounting(torch.autograd.Function):
+    """zero_below_counting with its gradient (a mutating op cannot take register_autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, threshold, counts, kept_index, values_index, count, use_kernel):
+        ctx.save_for_backward(x, threshold)  # x is the ReLU output the ReLU saved already: no extra memory
+        ctx.use_kernel = use_kernel
+        return zero_below_counting(x, threshold, counts, kept_index, values_index, count, use_kernel)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, threshold = ctx.saved_tensors
+        return zero_below_backward(grad, x, threshold, ctx.use_kernel), None, None, None, None, None, None
+
+
+def zero_below_and_count(x: torch.Tensor, threshold: torch.Tensor, counts: torch.Tensor, kept_index: int,
+                         values_index: int, count: bool, use_kernel: bool) -> torch.Tensor:
+    """`zero_below_counting`, with gradients through the kept values when x needs them (and no autograd node when not)."""
+    args = (x, threshold, counts, kept_index, values_index, count, use_kernel)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ZeroBelowCounting.apply(*args)
+    return zero_below_counting(*args)

@@ -62,6 +62,15 @@ def bit_histogram(x: torch.Tensor, origin: int, workspace: torch.Tensor | None =
     return counts.index_add_(0, bins, torch.ones((), dtype=torch.int64, device=x.device).expand(bins.numel()))
 
 
+def add_site_counts(counts: torch.Tensor, histogram: torch.Tensor, kept_index: int, values_index: int,
+                    numel: int) -> None:
+    """Add a site's histogram to counts[:HISTOGRAM_BINS], its kept count (the bins below KEPT_BINS) to
+    counts[kept_index] and its value count to counts[values_index], on the device."""
+    counts[:HISTOGRAM_BINS] += histogram
+    counts[kept_index] += histogram[:KEPT_BINS].sum()
+    counts[values_index] += numel
+
+
 def value_step_bits(dtype: torch.dtype) -> int:
     """Spacing of `dtype`'s values in float32 bit patterns: bf16 values widen to patterns 2**16 apart."""
     return _VALUE_STEP_BITS.get(dtype, 1)
