@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from sparsedist.models import WideResNet
-from sparsedist.sparsity import ActivationSparsity, ops
-from sparsedist.sparsity.layer import keep_where, key_dtype, top_k_per_sample
+from sparsedist.sparsity import ActivationSparsity, kernels, ops
+from sparsedist.sparsity.layer import keep_where, kept_per_sample, key_dtype, top_k_mask, top_k_per_sample
 from sparsedist.sparsity.threshold import HISTOGRAM_BINS, KEPT_BINS, bit_histogram, histogram_origin, zero_below
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -71,6 +71,18 @@ def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, 
         assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
         # The next convolution's algorithm, so its rounding, depends on the layout: it must not change.
         assert ours.is_contiguous(memory_format=layout) and reference.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_kernel_split_into_many_programs_per_sample_selects_the_same_values(dtype, layout):
+    """Blocks of 32 values: 10 programs per sample add their digit histograms together; ties included."""
+    x = site_input((2, 3, 9, 11), dtype, layout, seed=3)
+    x[1] = x[1].round()  # a sample made mostly of ties: the index digits decide
+    for keep_ratio in (0.05, 0.6):
+        mask = kernels.top_k_mask(x, torch.tensor(keep_ratio, dtype=torch.float64, device=x.device), block=32)
+        assert torch.equal(mask, top_k_mask(x, kept_per_sample(x[0].numel(), keep_ratio)))
+        assert mask.is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["kernel", "eager-in-op"])
@@ -136,15 +148,21 @@ for dtype in ("fp32", "bf16"):
                "BLOCK": "constexpr"}
     backward = {"grad_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "threshold_ptr": "*fp32",
                 "numel": "i32", "BLOCK": "constexpr"}
-    layer = {"x_ptr": f"*{dtype}", "kept_ptr": "*i8", "keep_ratio_ptr": "*fp64", "values_per_sample": "i32",
-             "channels": "i32", "pixels": "i32", "IS_BF16": "constexpr", "CHANNELS_LAST": "constexpr",
-             "KEY_PASSES": "constexpr", "INDEX_PASSES": "constexpr", "BLOCK": "constexpr"}
+    shapes = {"values_per_sample": "i32", "chunk": "i32", "channels": "i32", "pixels": "i32", "samples": "i32",
+              "IS_BF16": "constexpr", "CHANNELS_LAST": "constexpr", "KEY_PASSES": "constexpr",
+              "INDEX_PASSES": "constexpr", "BLOCK": "constexpr"}
+    layer_pass = {"x_ptr": f"*{dtype}", "counts_ptr": "*i32", "keep_ratio_ptr": "*fp64", **shapes, "PASS": "constexpr"}
+    layer_mask = {"x_ptr": f"*{dtype}", "kept_ptr": "*i8", "counts_ptr": "*i32", "keep_ratio_ptr": "*fp64", **shapes}
     sources = [ASTSource(kernels._network_kernel, network, {"IS_BF16": dtype == "bf16", "COUNT": count, "BLOCK": 1024})
                for count in (False, True)]
     sources += [ASTSource(kernels._network_backward_kernel, backward, {"BLOCK": 1024})]
-    sources += [ASTSource(kernels._layer_kernel, layer, {"IS_BF16": dtype == "bf16", "CHANNELS_LAST": channels_last,
-                                                          "KEY_PASSES": 4, "INDEX_PASSES": 2, "BLOCK": 1024})
-                for channels_last in (False, True)]
+    key_passes = 2 if dtype == "bf16" else 4
+    for channels_last in (False, True):
+        constants = {"IS_BF16": dtype == "bf16", "CHANNELS_LAST": channels_last, "KEY_PASSES": key_passes,
+                     "INDEX_PASSES": 2, "BLOCK": 1024}
+        sources += [ASTSource(kernels._layer_pass_kernel, layer_pass, {**constants, "PASS": digit_pass})
+                    for digit_pass in range(key_passes + 2)]
+        sources += [ASTSource(kernels._layer_mask_kernel, layer_mask, constants)]
     for source in sources:
         triton.compile(source, target=GPUTarget("cuda", 90, 32))
 """

@@ -9,11 +9,13 @@ kept count and value count to the step's counts (one launch; a second one in bac
 bin sees one atomic add per block instead of one per value; nonzero values spread over thousands of
 bins.
 
-`layer`: one program per sample finds the k-th largest order key by a radix search (8-bit digits
-from the top, `tl.histogram` over the values still matching the prefix found so far), then, when
-more values tie with it than places remain, the cut-off (C, H, W) index among the tied ones by the
-same search over index digits, and writes the mask in one last pass. No sort; every pass reads the
-sample in memory order (contiguous or channels_last), so the loads coalesce.
+`layer`: the k-th largest order key of each sample by a radix search (8-bit digits from the top,
+`tl.histogram` over the values still matching the prefix found so far), then, when more values tie
+with it than places remain, the cut-off (C, H, W) index among the tied ones by the same search over
+index digits, then the mask. Each sample is split into chunks, one program each, so that a batch of
+128 fills a 132-SM GPU several times over; a launch per digit lets a sample's programs add their
+histograms together, and every program replays the digits chosen so far from those histograms. No
+sort; every pass reads the sample in memory order (contiguous or channels_last), so loads coalesce.
 
 The eager code (`layer.top_k_mask`, `threshold.bit_histogram` + `zero_below`) is the reference and
 the path on CPU; with TRITON_INTERPRET=1 these kernels also run on CPU tensors, which is how the
@@ -24,6 +26,7 @@ channels_last, 4-D maps for `layer`.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -38,6 +41,9 @@ except ImportError:  # the method works without Triton: the eager code serves ev
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _BLOCK = 1024  # values per block: 4 KiB of float32 per load
 _DIGIT_BITS = 8
+# Layer scope splits each sample so that a batch gives every multiprocessor at least this many programs.
+PROGRAMS_PER_SM = 4
+INTERPRETER_MULTIPROCESSORS = 8  # CPU tensors (Triton's interpreter): enough to split the tests' small samples
 
 
 def supports(x: torch.Tensor, scope: str) -> bool:
@@ -118,53 +124,96 @@ if triton is not None:
         return _order_keys(x, IS_BF16), index, in_row
 
     @triton.jit
-    def _layer_kernel(x_ptr, kept_ptr, keep_ratio_ptr, values_per_sample, channels, pixels,
-                      IS_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, KEY_PASSES: tl.constexpr,
-                      INDEX_PASSES: tl.constexpr, BLOCK: tl.constexpr):
-        # k = max(1, int(rho * C*H*W)) in float64, as layer.kept_per_sample computes it
+    def _kept_count(keep_ratio_ptr, values_per_sample):
+        """k = max(1, int(rho * C*H*W)) in float64, as layer.kept_per_sample computes it."""
         k = (tl.load(keep_ratio_ptr) * values_per_sample).to(tl.int32)
-        k = tl.minimum(tl.maximum(k, 1), values_per_sample)
-        base = tl.program_id(0).to(tl.int64) * values_per_sample
+        return tl.minimum(tl.maximum(k, 1), values_per_sample)
+
+    @triton.jit
+    def _key_digits(counts_ptr, sample, samples, k, PASSES: tl.constexpr):
+        """(prefix, remaining, ties) after the first PASSES key digits, replayed from their histograms:
+        the prefix of the k-th largest key, the places left at it, and how many values match it."""
         digits = tl.arange(0, 256)
-        # ---- the k-th largest key, digit by digit from the top; `remaining` counts places left at the prefix
         prefix = tl.zeros([], dtype=tl.uint32)
         remaining = k
         ties = 0
-        for p in tl.static_range(KEY_PASSES):
-            shift = 24 - 8 * p
-            counts = tl.zeros([256], dtype=tl.int32)
-            for start in range(0, values_per_sample, BLOCK):
-                keys, index, in_row = _load_keys(x_ptr + base, start, values_per_sample, channels, pixels,
-                                                 IS_BF16, CHANNELS_LAST, BLOCK)
-                if p == 0:
-                    matching = in_row
-                else:
-                    matching = in_row & ((keys >> (shift + 8)) == (prefix >> (shift + 8)))
-                counts += tl.histogram(((keys >> shift) & 0xFF).to(tl.int32), 256, mask=matching)
+        for p in tl.static_range(PASSES):
+            counts = tl.load(counts_ptr + (p * samples + sample).to(tl.int64) * 256 + digits)
             at_or_above = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts
             digit = tl.max(tl.where(at_or_above >= remaining, digits, -1), axis=0)
             ties = tl.sum(tl.where(digits == digit, counts, 0), axis=0)
             remaining -= tl.sum(tl.where(digits == digit, at_or_above, 0), axis=0) - ties
-            prefix |= digit.to(tl.uint32) << shift
-        # ---- more ties than places: the `remaining`-th smallest (C, H, W) index among the tied values
-        cutoff = values_per_sample
-        if remaining < ties:
-            index_prefix = 0
-            for p in tl.static_range(INDEX_PASSES):
-                shift = 8 * (INDEX_PASSES - 1 - p)
-                counts = tl.zeros([256], dtype=tl.int32)
-                for start in range(0, values_per_sample, BLOCK):
-                    keys, index, in_row = _load_keys(x_ptr + base, start, values_per_sample, channels, pixels,
+            prefix |= digit.to(tl.uint32) << (24 - 8 * p)
+        return prefix, remaining, ties
+
+    @triton.jit
+    def _index_digits(counts_ptr, sample, samples, remaining, PASSES: tl.constexpr, INDEX_PASSES: tl.constexpr):
+        """(index prefix, remaining) after the first PASSES index digits (histograms stored after the key ones):
+        the `remaining`-th smallest (C, H, W) index among the tied values."""
+        digits = tl.arange(0, 256)
+        index_prefix = 0
+        for p in tl.static_range(PASSES):
+            counts = tl.load(counts_ptr + (p * samples + sample).to(tl.int64) * 256 + digits)
+            below_or_at = tl.cumsum(counts, axis=0)
+            digit = tl.min(tl.where(below_or_at >= remaining, digits, 256), axis=0)
+            remaining -= tl.sum(tl.where(digits == digit, below_or_at - counts, 0), axis=0)
+            index_prefix |= digit << (8 * (INDEX_PASSES - 1 - p))
+        return index_prefix, remaining
+
+    @triton.jit
+    def _layer_pass_kernel(x_ptr, counts_ptr, keep_ratio_ptr, values_per_sample, chunk, channels, pixels, samples,
+                           IS_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, KEY_PASSES: tl.constexpr,
+                           INDEX_PASSES: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr):
+        """One digit of the search: this chunk's histogram of the next digit among the values still matching,
+        added to the sample's. Passes below KEY_PASSES are key digits, the others index digits (tied values)."""
+        sample = tl.program_id(0)
+        first = tl.program_id(1) * chunk
+        last = tl.minimum(first + chunk, values_per_sample)
+        row_ptr = x_ptr + sample.to(tl.int64) * values_per_sample
+        k = _kept_count(keep_ratio_ptr, values_per_sample)
+        counts = tl.zeros([256], dtype=tl.int32)
+        if PASS < KEY_PASSES:
+            prefix, remaining, ties = _key_digits(counts_ptr, sample, samples, k, PASS)
+            shift = 24 - 8 * PASS
+            for start in range(first, last, BLOCK):
+                keys, index, in_row = _load_keys(row_ptr, start, values_per_sample, channels, pixels,
+                                                 IS_BF16, CHANNELS_LAST, BLOCK)
+                if PASS == 0:
+                    matching = in_row
+                else:
+                    matching = in_row & ((keys >> (shift + 8)) == (prefix >> (shift + 8)))
+                counts += tl.histogram(((keys >> shift) & 0xFF).to(tl.int32), 256, mask=matching)
+        else:
+            prefix, remaining, ties = _key_digits(counts_ptr, sample, samples, k, KEY_PASSES)
+            if remaining < ties:  # more ties than places: search the cut-off index among them
+                index_counts_ptr = counts_ptr + KEY_PASSES * samples * 256
+                index_prefix, remaining = _index_digits(index_counts_ptr, sample, samples, remaining,
+                                                        PASS - KEY_PASSES, INDEX_PASSES)
+                shift = 8 * (INDEX_PASSES - 1 - (PASS - KEY_PASSES))
+                for start in range(first, last, BLOCK):
+                    keys, index, in_row = _load_keys(row_ptr, start, values_per_sample, channels, pixels,
                                                      IS_BF16, CHANNELS_LAST, BLOCK)
                     matching = in_row & (keys == prefix) & ((index >> (shift + 8)) == (index_prefix >> (shift + 8)))
                     counts += tl.histogram((index >> shift) & 0xFF, 256, mask=matching)
-                below_or_at = tl.cumsum(counts, axis=0)
-                digit = tl.min(tl.where(below_or_at >= remaining, digits, 256), axis=0)
-                remaining -= tl.sum(tl.where(digits == digit, below_or_at - counts, 0), axis=0)
-                index_prefix |= digit << shift
-            cutoff = index_prefix
-        # ---- the mask
-        for start in range(0, values_per_sample, BLOCK):
+        tl.atomic_add(counts_ptr + (PASS * samples + sample).to(tl.int64) * 256 + tl.arange(0, 256), counts,
+                      sem="relaxed")
+
+    @triton.jit
+    def _layer_mask_kernel(x_ptr, kept_ptr, counts_ptr, keep_ratio_ptr, values_per_sample, chunk, channels, pixels,
+                           samples, IS_BF16: tl.constexpr, CHANNELS_LAST: tl.constexpr, KEY_PASSES: tl.constexpr,
+                           INDEX_PASSES: tl.constexpr, BLOCK: tl.constexpr):
+        """This chunk's mask: keys above the k-th largest, and the tied ones up to the cut-off index."""
+        sample = tl.program_id(0)
+        first = tl.program_id(1) * chunk
+        last = tl.minimum(first + chunk, values_per_sample)
+        base = sample.to(tl.int64) * values_per_sample
+        k = _kept_count(keep_ratio_ptr, values_per_sample)
+        prefix, remaining, ties = _key_digits(counts_ptr, sample, samples, k, KEY_PASSES)
+        cutoff = values_per_sample
+        if remaining < ties:
+            cutoff, remaining = _index_digits(counts_ptr + KEY_PASSES * samples * 256, sample, samples, remaining,
+                                              INDEX_PASSES, INDEX_PASSES)
+        for start in range(first, last, BLOCK):
             keys, index, in_row = _load_keys(x_ptr + base, start, values_per_sample, channels, pixels,
                                              IS_BF16, CHANNELS_LAST, BLOCK)
             kept = (keys > prefix) | ((keys == prefix) & (index <= cutoff))
@@ -209,17 +258,40 @@ def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Te
     return out
 
 
-def top_k_mask(x: torch.Tensor, keep_ratio: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _programs_per_sample(x: torch.Tensor, blocks_per_sample: int) -> int:
+    """Enough programs for at least PROGRAMS_PER_SM per multiprocessor over the batch (a chunk is whole blocks)."""
+    wanted = PROGRAMS_PER_SM * (_multiprocessors(x.device) if x.is_cuda else INTERPRETER_MULTIPROCESSORS)
+    return max(1, min(blocks_per_sample, -(-wanted // x.shape[0])))
+
+
+def top_k_mask(x: torch.Tensor, keep_ratio: torch.Tensor, block: int = _BLOCK) -> torch.Tensor:
     """`layer.top_k_mask` for k = max(1, int(rho * C*H*W)), rho read on the device from `keep_ratio`
-    (float64, one element), bitwise; the mask has x's memory format."""
+    (float64, one element), bitwise; the mask has x's memory format.
+
+    Each sample is split into chunks of whole `block`s, one program each, over one launch per digit
+    (4 key digits in float32, 2 in bf16, then the index digits, which only do work when ties need a
+    cut-off) and one for the mask; the programs of a sample add their digit histograms together."""
     samples, channels, height, width = x.shape
     values_per_sample = channels * height * width
+    blocks_per_sample = -(-values_per_sample // block)
+    chunk = -(-blocks_per_sample // _programs_per_sample(x, blocks_per_sample)) * block
+    grid = (samples, -(-values_per_sample // chunk))
+    key_passes = 2 if x.dtype == torch.bfloat16 else 4
+    index_passes = max(1, -(-(values_per_sample - 1).bit_length() // _DIGIT_BITS))
+    counts = torch.zeros((key_passes + index_passes) * samples * 256, dtype=torch.int32, device=x.device)
     kept = torch.empty_like(x, dtype=torch.int8)
+    flat = _memory_order(x.detach())
+    shape = dict(IS_BF16=x.dtype == torch.bfloat16, CHANNELS_LAST=not x.is_contiguous(), KEY_PASSES=key_passes,
+                 INDEX_PASSES=index_passes, BLOCK=block)
     with _on_device_of(x):
-        _layer_kernel[(samples,)](
-            _memory_order(x.detach()), _memory_order(kept), keep_ratio, values_per_sample, channels, height * width,
-            IS_BF16=x.dtype == torch.bfloat16, CHANNELS_LAST=not x.is_contiguous(),
-            KEY_PASSES=2 if x.dtype == torch.bfloat16 else 4,
-            INDEX_PASSES=max(1, -(-(values_per_sample - 1).bit_length() // _DIGIT_BITS)), BLOCK=_BLOCK,
-        )
+        for digit_pass in range(key_passes + index_passes):
+            _layer_pass_kernel[grid](flat, counts, keep_ratio, values_per_sample, chunk, channels, height * width,
+                                     samples, PASS=digit_pass, **shape)
+        _layer_mask_kernel[grid](flat, _memory_order(kept), counts, keep_ratio, values_per_sample, chunk, channels,
+                                 height * width, samples, **shape)
     return kept.view(torch.bool)
