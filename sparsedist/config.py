@@ -262,11 +262,21 @@ class TrainConfig(Section):
         False, description="torch.compile the training model with its sparsity sites (rho and tau are read from "
         "device tensors, so controller decisions recompile nothing).",
     )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        "default", description="torch.compile mode (with train.compile): reduce-overhead replays each compiled step as "
+        "a CUDA graph, which a step allows since it reads nothing from the device; max-autotune also tunes kernels.",
+    )
     max_nonfinite_steps: int = Field(
         10, ge=1, description="Consecutive NaN/Inf-loss steps (each skipped) after which the run stops."
     )
     log_every_steps: int = Field(10, ge=1, description="Steps between per-step metric records.")
     checkpoint_every_epochs: int = Field(1, ge=1, description="Epochs between checkpoints (the last epoch always saves).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> TrainConfig:
+        if self.compile_mode != "default" and not self.compile:
+            raise_field_errors("train", [("compile_mode", "applies only with train.compile: true", self.compile_mode)])
+        return self
 
 
 def regime_key(keep_ratio: float) -> str:

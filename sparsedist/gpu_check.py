@@ -22,7 +22,8 @@ that hangs or crashes costs only itself:
    training: dense images/s and every variant as x dense in the same run;
 4. steps_fp16: the same in fp16 (the paper's precision);
 5. steps_cudnn_benchmark: the same as 3 with cuDNN's autotuner (the released script's setting);
-6. steps_compiled: 3 with torch.compile'd dense and both scopes (compilation in warm-up).
+6. steps_compiled: 3 with torch.compile'd dense and both scopes (compilation in warm-up);
+7. steps_cuda_graphs: 6 in mode reduce-overhead (`train.compile_mode`), each step a CUDA graph replay.
 
 This module imports only the standard library at the top, so it can refuse cleanly anywhere.
 """
@@ -48,9 +49,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Modules the method core imports that the GPU machine lacks (import name; the wheels bring their dependencies).
 NEEDED_MODULES = ("pydantic",)
 BUDGET_S = 460  # of the 8 minutes the check may take: leaves start-up and a margin
-# steps_compiled gets what is left (3 cold compilations of WRN-28-4); a step benchmark is ~100 steps plus
-# CUDA and Triton start-up.
-STAGE_LIMIT_S = {"tests": 150, "sites": 30, "steps": 45, "steps_fp16": 45, "steps_cudnn_benchmark": 45}
+# steps_compiled has 3 cold compilations of WRN-28-4; steps_cuda_graphs, last, gets what is left (inductor's
+# cache holds the same graphs by then). A step benchmark is ~100 steps plus CUDA and Triton start-up.
+STAGE_LIMIT_S = {"tests": 150, "sites": 30, "steps": 45, "steps_fp16": 45, "steps_cudnn_benchmark": 45,
+                 "steps_compiled": 90}
 TEST_LIMIT_S = 90  # one GPU test (its compilations included) running longer is killed, and the rest go on
 BENCHMARK = {"batch_size": 128, "keep_ratio": 0.1, "depth": 28, "widen_factor": 4}
 DRY_RUN_BENCHMARK = {"batch_size": 2, "keep_ratio": 0.1, "depth": 10, "widen_factor": 1, "image_size": 8}
@@ -250,13 +252,15 @@ def stage_sites(dry_run: bool) -> dict:
     return run_site_benchmark(device="cuda", dtype=torch.bfloat16, channels_last=True, **BENCHMARK)
 
 
-def stage_steps(dry_run: bool, precision: str = "bf16", compile: bool = False, cudnn_benchmark: bool = False) -> dict:
+def stage_steps(dry_run: bool, precision: str = "bf16", compile: bool = False, compile_mode: str = "default",
+                cudnn_benchmark: bool = False) -> dict:
     from sparsedist.bench.sparsity import run_sparsity_benchmark
 
     if dry_run:  # compile stays off: CPU inductor compilations take minutes; the stage's plumbing is what runs
         return run_sparsity_benchmark(repeats=1, warmup=1, cudnn_benchmark=cudnn_benchmark, **DRY_RUN_BENCHMARK)
     return run_sparsity_benchmark(device="cuda", precision=precision, channels_last=True, compile=compile,
-                                  cudnn_benchmark=cudnn_benchmark, repeats=20, warmup=3, **BENCHMARK)
+                                  compile_mode=compile_mode, cudnn_benchmark=cudnn_benchmark, repeats=20, warmup=3,
+                                  **BENCHMARK)
 
 
 # Stages run by `--stage NAME` in their own process; "tests" runs pytest processes from the parent's side.
@@ -267,6 +271,7 @@ BENCHMARK_STAGES = {
     "steps_fp16": partial(stage_steps, precision="fp16"),
     "steps_cudnn_benchmark": partial(stage_steps, cudnn_benchmark=True),
     "steps_compiled": partial(stage_steps, compile=True),
+    "steps_cuda_graphs": partial(stage_steps, compile=True, compile_mode="reduce-overhead"),  # train.compile_mode
 }
 STAGES = ("tests", *BENCHMARK_STAGES)
 
@@ -325,7 +330,7 @@ def _summary(report: dict) -> str:
                                          for other in row["compared"]))
         elif result:
             setup = result["setup"]
-            lines.append(f"  {setup['dtype']}, cuDNN {setup['cudnn']}, compile {setup['compile']}")
+            lines.append(f"  {setup['dtype']}, cuDNN {setup['cudnn']}, compile {setup['compile_mode'] or 'off'}")
             lines.append("  " + ", ".join(f"{variant} {ratio:.3f}x" for variant, ratio in result["ratio_to_dense"].items()))
             lines.append(f"  dense {result['images_per_s']['dense']:.0f} images/s"
                          + (f", compiled {result['images_per_s']['dense_compiled']:.0f}" if "dense_compiled"

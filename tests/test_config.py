@@ -60,6 +60,7 @@ def test_invalid_config_lists_every_error_with_dotted_path():
     ({"eval": {"keep_ratios": [1.0, 0.5], "select_keep_ratio": 0.3}}, "eval.select_keep_ratio"),
     ({"train": {"batch_size": 63}, "scaling": {"num_workers": 2}}, "train.batch_size"),
     ({"optim": {"momentum": 0.0, "nesterov": True}}, "optim.nesterov"),
+    ({"train": {"compile_mode": "reduce-overhead"}}, "train.compile_mode"),
 ])
 def test_cross_field_rules_point_at_the_offending_field(overrides, path):
     with pytest.raises(ConfigError) as caught:

@@ -97,14 +97,14 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
                            depth: int = 28, widen_factor: int = 4, image_size: int = 32, seed: int = 0,
                            threads: int | None = None, json_out: str | None = None, device: str = "cpu",
                            precision: str = "fp32", channels_last: bool = False, compile: bool = False,
-                           cudnn_benchmark: bool = False) -> dict:
+                           compile_mode: str = "default", cudnn_benchmark: bool = False) -> dict:
     """Median train-step seconds of every variant and their ratios over eager dense.
 
     `threads` sets torch's intra-op threads for the run (None: as they are); on a machine shared
     with other work, one thread suffers least from descheduled OpenMP workers. The load average
     before and after is reported so that a reader can judge the noise. `precision` bf16 or fp16 runs
     the forward in that autocast; `compile` adds the compiled variants (their compilation happens in
-    the warm-up steps). cuDNN runs as training runs it (deterministic, no autotuner) unless
+    the warm-up steps), in torch.compile's `compile_mode` (reduce-overhead: CUDA graphs). cuDNN runs as training runs it (deterministic, no autotuner) unless
     `cudnn_benchmark`, the released script's setting, which training does not use (resume is bitwise).
 
     Returns {"setup": {...}, "median_step_s": {variant: s}, "ratio_to_dense": {variant: r},
@@ -114,7 +114,7 @@ def run_sparsity_benchmark(batch_size: int = 32, keep_ratio: float = 0.1, repeat
     dense_compiled, layer_compiled, network_compiled). The warm-up steps also give network scope
     its first threshold (step 0 is dense by definition).
     """
-    options = _Options(torch.device(device), precision, channels_last, compile)
+    options = _Options(torch.device(device), precision, channels_last, compile, compile_mode)
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = not cudnn_benchmark, cudnn_benchmark
     try:
@@ -132,6 +132,7 @@ class _Options:
     precision: str  # fp32, bf16 or fp16 (autocast)
     channels_last: bool
     compile: bool
+    compile_mode: str  # torch.compile's mode for the compiled variants
 
     def autocast(self):
         dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
@@ -177,7 +178,7 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
             def after() -> None:
                 last_stats[name] = sparsity.finish_step()
         if name.endswith("_compiled"):
-            network = torch.compile(network)
+            network = torch.compile(network, mode=options.compile_mode)
         return _step_function(network, images, labels, options.autocast, after)
 
     steps = {name: step_for(name) for name in variants}
@@ -203,6 +204,7 @@ def _measure(batch_size: int, keep_ratio: float, repeats: int, warmup: int, dept
                   "device": str(device), "dtype": "float32" if options.precision == "fp32" else f"{options.precision} autocast",
                   "cudnn": "benchmark (autotuned)" if torch.backends.cudnn.benchmark else "deterministic, as training",
                   "channels_last": options.channels_last, "compile": options.compile,
+                  "compile_mode": options.compile_mode if options.compile else None,
                   "load_average_1min": [load_before, os.getloadavg()[0]]},
         "median_step_s": medians,
         "ratio_to_dense": ratios,

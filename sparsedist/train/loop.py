@@ -243,7 +243,8 @@ class _Training:
         # DDP averages gradients; every replica already starts from the same seeded initialization.
         self.trained = DistributedDataParallel(model) if world_size > 1 else model
         if cfg.train.compile:
-            self.trained = torch.compile(self.trained)  # training forwards only; evaluation runs `model` eagerly
+            # Training forwards only; evaluation runs `model` eagerly.
+            self.trained = torch.compile(self.trained, mode=cfg.train.compile_mode)
         self.optimizer = build_optimizer(cfg, model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, steps_per_epoch))
         self.loss_fn = nn.CrossEntropyLoss()
