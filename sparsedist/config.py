@@ -336,6 +336,10 @@ class RunConfig(Section):
     max_preemption_failures: int = Field(
         -1, ge=-1, description="Restarts after preemptions (a node drained with notice, such as a spot reclaim), counted "
         "apart from run.max_failures (-1: unlimited: a preemption says nothing about the run).")
+    preemption_check_steps: int = Field(
+        50, ge=0, description="Steps between checks for a preemption notice (a node drained with a deadline); on one "
+        "the run writes a checkpoint at that step, so a preempted host costs at most this many steps. Each check is "
+        "a barrier across the workers (0: never check).")
     checkpoints_to_keep: int = Field(2, ge=1, description="Checkpoints kept on disk (the best by validation is kept too).")
     init_from: str | None = Field(
         None, description="Checkpoint directory a new run starts from: weights, optimizer, schedule, controller state "

@@ -93,12 +93,15 @@ def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def rewind_jsonl(path: str, last_epoch: int) -> None:
-    """Drop the records of epochs after `last_epoch`: a run resumed from that epoch's checkpoint redoes
-    them, and one clean history keeps metrics.jsonl, TensorBoard and summary.json in agreement."""
+def rewind_jsonl(path: str, last_epoch: int, last_step: int | None = None) -> None:
+    """Drop the records past a checkpoint: epoch records after `last_epoch`, step records after `last_step` (a
+    mid-epoch checkpoint keeps its epoch's steps so far; None: those of epochs after `last_epoch`). A run resumed
+    from it redoes them, and one clean history keeps metrics.jsonl, TensorBoard and summary.json in agreement."""
     if not os.path.exists(path):
         return
-    kept = [record for record in read_jsonl(path) if record["epoch"] <= last_epoch]
+    kept = [record for record in read_jsonl(path)
+            if (record["epoch"] <= last_epoch if record["kind"] != "step" or last_step is None
+                else record["step"] <= last_step)]
     write_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept).encode())
 
 

@@ -48,6 +48,7 @@ RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # checkpoints. Everything else shapes the trajectory, so changing it on resume is refused.
 RESUME_SAFE_FIELDS = (
     "run.name", "run.run_dir", "run.max_failures", "run.max_preemption_failures", "run.checkpoints_to_keep", "run.verbose",
+    "run.preemption_check_steps",
     "scaling.num_workers", "scaling.use_gpu", "scaling.cpus_per_worker",
     "data.root", "data.source", "data.download", "data.loader_workers",
     "eval.batch_size", "train.log_every_steps",

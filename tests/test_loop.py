@@ -62,6 +62,45 @@ def test_resume_continues_the_identical_trajectory(tmp_path):
     assert any(t["event"] == "tighten" for t in straight.trajectory) and straight.sparsity.threshold > 0
 
 
+def test_a_mid_epoch_checkpoint_resumes_at_the_next_batch_on_the_identical_trajectory(tmp_path):
+    """A preemption notice in epoch 1 (asked every 3 batches): the checkpoint written at that step boundary,
+    loaded as a new process would, continues exactly: steps, weights, tau and the epoch records."""
+    cfg = tiny_config(*RESUME_OVERRIDES, "run.preemption_check_steps=3")
+    straight_records = ListSink()
+    straight = train(cfg, loaders_for(cfg), device=CPU, sinks=[straight_records])
+    asked = []
+
+    def notice_in_epoch_1() -> bool:
+        asked.append(len(asked))
+        return len(asked) == 3  # the first check of epoch 1 (8 batches an epoch: checks after batches 3 and 6)
+
+    def save_and_stop(mid):
+        save_checkpoint(mid.state(), str(tmp_path / "mid"))
+        raise KeyboardInterrupt  # the host goes away after the checkpoint
+
+    interrupted_records = ListSink()
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, loaders_for(cfg), device=CPU, sinks=[interrupted_records], checkpoint_requested=notice_in_epoch_1,
+              on_mid_epoch=save_and_stop)
+    state = load_checkpoint(str(tmp_path / "mid"))
+    assert (state["epoch"], state["partial_epoch"]["batches"]) == (0, 3)
+    resumed_records = ListSink()
+    resumed = train(cfg, loaders_for(cfg), device=CPU, sinks=[resumed_records], resume_state=state)
+
+    steps_before = state["step"]
+    assert steps_before == 8 + 3 and resumed.trajectory == straight.trajectory[steps_before:]
+    for name, value in parameters(straight.model).items():
+        assert torch.equal(value, parameters(resumed.model)[name]), name
+    assert resumed.sparsity.threshold == straight.sparsity.threshold
+
+    def timeless(records):
+        return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_sec")} for r in records]
+
+    # The records up to the checkpoint, then the resumed ones: the uninterrupted history, epoch 1's tally included.
+    kept = [r for r in interrupted_records if r["kind"] == "epoch" or r["step"] <= steps_before]
+    assert timeless(kept + resumed_records) == timeless(straight_records)
+
+
 class ListSink(list):
     def write(self, record):
         self.append(record)

@@ -16,6 +16,8 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 
 QUEUE_POLL_S = 1.0
+# The one metric of a mid-epoch checkpoint's report (a preemption notice), which is not a Tune result.
+MID_EPOCH_METRIC = "mid_epoch_checkpoint_step"
 
 
 class ForwardReports(UserCallback):
@@ -26,7 +28,8 @@ class ForwardReports(UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        self.queue.put((metrics[0], checkpoint))
+        if MID_EPOCH_METRIC not in metrics[0]:  # epochs only: the restart inside the Train run uses the others
+            self.queue.put((metrics[0], checkpoint))
 
 
 def fit_and_forward(trainer, queue: Queue, report: Callable[[dict[str, Any], Any], None]) -> None:

@@ -170,7 +170,7 @@ def run_training(cfg: Config, *, resume: bool = False, overwrite: bool = False, 
     summary = summarize(read_jsonl(metrics_path), select_keep_ratio=cfg.eval.select_keep_ratio)
     attempts = read_jsonl(storage.join(run_dir, ATTEMPTS_FILE))
     summary.update(run_dir=run_dir, wall_time_s=time.monotonic() - started, attempts=len(attempts),
-                   provenance={k: v for k, v in attempts[-1].items() if k not in ("start_epoch", "started_at")})
+                   provenance={k: v for k, v in attempts[-1].items() if k not in ("start_epoch", "start_batch", "started_at")})
     write_json_atomic(storage.join(run_dir, SUMMARY_FILE), summary)
     log_outputs(cfg)  # MLflow: config, summary and figures as artifacts; ends the MLflow run
     return summary

@@ -33,9 +33,10 @@ from sparsedist.provenance import banner, provenance
 from sparsedist.rundir import (ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, TENSORBOARD_DIR, RunMirror,
                                record_failure)
 from sparsedist.tracking import tracking_sinks
+from sparsedist.launch.forwarding import MID_EPOCH_METRIC
 from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, newer_of, save_checkpoint
 from sparsedist.train.distributed import gather_failures
-from sparsedist.train.loop import EpochEnd, NonFiniteLossError, train
+from sparsedist.train.loop import EpochEnd, MidEpoch, NonFiniteLossError, train
 
 log = logging.getLogger("sparsedist")
 
@@ -160,25 +161,37 @@ def run_replica(cfg: Config) -> None:
 
     resume_state, loaders = start_on_every_rank(cfg, rank, world_size, device)
     last_done_epoch = -1 if resume_state is None else resume_state["epoch"]
+    partial = None if resume_state is None else resume_state.get("partial_epoch")  # a mid-epoch checkpoint's
 
     sinks, tensorboard = [], None
     if rank == 0:
         mirror.restore()
         record = provenance(device, world_size, nodes)
         with open(mirror.path(ATTEMPTS_FILE), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"start_epoch": last_done_epoch + 1, "started_at": time.time(), **record},
-                                    sort_keys=True) + "\n")
+            handle.write(json.dumps({"start_epoch": last_done_epoch + 1, "start_batch": partial["batches"] if partial else 0,
+                                     "started_at": time.time(), **record}, sort_keys=True) + "\n")
         mirror.publish()  # now, not at the next checkpoint: an attempt that dies first still counts
         log.info(banner(run_dir, storage.join(run_dir, TENSORBOARD_DIR), record))
         if resume_state is not None:
-            log.info(f"  resuming after epoch {last_done_epoch + 1} (step {resume_state['step']})")
+            log.info(f"  resuming after epoch {last_done_epoch + 1}" + (f", batch {partial['batches']}" if partial else "")
+                     + f" (step {resume_state['step']})")
         metrics_path = mirror.path(METRICS_FILE)
         # Records past the restored checkpoint belong to an attempt whose work is about to be redone.
-        rewind_jsonl(metrics_path, last_done_epoch)
+        rewind_jsonl(metrics_path, last_done_epoch, resume_state["step"] if partial else None)
         tensorboard = TensorBoardSink(mirror.path(TENSORBOARD_DIR),
                                       purge_step=None if resume_state is None else resume_state["step"] + 1)
         sinks = [JsonLinesSink(metrics_path), tensorboard, *tracking_sinks(cfg)]
     attempt_start, first_epoch = time.monotonic(), last_done_epoch + 1
+
+    def checkpoint_for_ray(staging: str, name: str, state: dict[str, Any], *copies: str) -> ray.train.Checkpoint:
+        """Rank 0: `state` saved as checkpoint `name` (and as `copies`), then the run files published: the run
+        directory is complete up to every checkpoint Ray registers."""
+        save_checkpoint(state, os.path.join(staging, name), *copies)
+        tensorboard.flush()
+        published = mirror.publish()
+        if published:
+            log.info(f"  {name}: {published:,} bytes of run files published to {run_dir}")
+        return ray.train.Checkpoint.from_directory(os.path.join(staging, name))
 
     def on_epoch_end(end: EpochEnd) -> None:
         with tempfile.TemporaryDirectory(prefix="sparsedist-ckpt-") as staging:
@@ -188,22 +201,42 @@ def run_replica(cfg: Config) -> None:
                 log.info(epoch_line(end.record, cfg.train.epochs, seconds_per_epoch))
                 # Ray copies the epoch checkpoint into the run directory under the same, epoch-derived name: a
                 # restarted attempt that redoes this epoch re-registers the same directory.
-                targets = ([os.path.join(staging, name)] if should_checkpoint(cfg, end.epoch) else []) + (
-                    [mirror.path(BEST_DIR)] if end.is_best else [])
-                if targets:
-                    save_checkpoint(end.state(), *targets)
+                best = [mirror.path(BEST_DIR)] if end.is_best else []
                 if should_checkpoint(cfg, end.epoch):
-                    # The run directory is complete up to every checkpoint Ray registers.
-                    tensorboard.flush()
-                    published = mirror.publish()
-                    if published:
-                        log.info(f"  epoch {end.epoch + 1}: {published:,} bytes of run files published to {run_dir}")
-                    checkpoint = ray.train.Checkpoint.from_directory(os.path.join(staging, name))
+                    checkpoint = checkpoint_for_ray(staging, name, end.state(), *best)
+                elif best:
+                    save_checkpoint(end.state(), *best)
             ray.train.report(flatten_epoch(end.record), checkpoint=checkpoint,
                              checkpoint_dir_name=name if checkpoint is not None else None)
 
+    answered = False
+
+    def checkpoint_requested() -> bool:
+        """A preemption notice (a node of this run drained with a deadline) not answered yet in this attempt.
+        Asked by every rank at the same batches: Ray agrees on the answer in a barrier."""
+        nonlocal answered
+        notice = ray.train.get_preemption_info()
+        if notice is None or answered:
+            return False
+        answered = True
+        if rank == 0:
+            deadline = "" if notice.deadline_ms is None else f", {notice.deadline_ms / 1000 - time.time():.0f}s before the deadline"
+            log.info(f"  preemption notice for ranks {notice.preempted_ranks}{deadline}: checkpointing now")
+        return True
+
+    def on_mid_epoch(mid: MidEpoch) -> None:
+        """The checkpoint a preemption notice asks for, registered like an epoch's: the restart loses at most
+        run.preemption_check_steps steps. Tune trials do not see its report (`forwarding`)."""
+        with tempfile.TemporaryDirectory(prefix="sparsedist-ckpt-") as staging:
+            checkpoint, name = None, checkpoint_name(mid.epoch - 1, mid.batches)
+            if rank == 0:
+                checkpoint = checkpoint_for_ray(staging, name, mid.state())
+            ray.train.report({MID_EPOCH_METRIC: mid.step}, checkpoint=checkpoint,
+                             checkpoint_dir_name=name if checkpoint is not None else None)
+
     try:
-        train(cfg, loaders, device=device, sinks=sinks, on_epoch_end=on_epoch_end, resume_state=resume_state)
+        train(cfg, loaders, device=device, sinks=sinks, on_epoch_end=on_epoch_end, resume_state=resume_state,
+              checkpoint_requested=checkpoint_requested, on_mid_epoch=on_mid_epoch)
         if tensorboard is not None:
             summary = summarize(read_jsonl(mirror.path(METRICS_FILE)), select_keep_ratio=cfg.eval.select_keep_ratio)
             tensorboard.write_hparams(cfg.to_dict(), summary_metrics(summary), step=summary["steps"])

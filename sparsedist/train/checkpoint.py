@@ -117,8 +117,15 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
                               f"{first_line}") from None
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"epoch_{epoch:05d}"
+def checkpoint_name(epoch: int, batches: int | None = None) -> str:
+    """epoch_00003 after (0-based) epoch 3; epoch_00003_b00057 mid-epoch, 57 batches into the next one. Names
+    sort in training order (a first-epoch mid-epoch checkpoint, epoch -1, sorts before epoch_00000)."""
+    return f"epoch_{epoch:05d}" + (f"_b{batches:05d}" if batches is not None else "")
+
+
+def state_checkpoint_name(state: dict[str, Any]) -> str:
+    """The checkpoint name of a loaded state: its epoch, and its batches when it was written mid-epoch."""
+    return checkpoint_name(state["epoch"], (state.get("partial_epoch") or {}).get("batches"))
 
 
 def complete_checkpoints(root: str) -> Iterator[str]:
@@ -145,7 +152,7 @@ def newer_of(state: dict[str, Any] | None, root: str) -> dict[str, Any] | None:
     passed over, with a warning, for the next older one.
     """
     for candidate in complete_checkpoints(root):
-        if state is not None and storage.parent_and_name(candidate)[1] <= checkpoint_name(state["epoch"]):
+        if state is not None and storage.parent_and_name(candidate)[1] <= state_checkpoint_name(state):
             break
         try:
             with storage.local_view(candidate) as directory:

@@ -57,6 +57,15 @@ class EpochEnd:
 
 
 @dataclass
+class MidEpoch:
+    """A step boundary inside an epoch where the caller asked for a checkpoint (a preemption notice)."""
+    epoch: int  # 0-based epoch in progress
+    batches: int  # of it trained so far
+    step: int
+    state: Callable[[], dict[str, Any]]  # full checkpoint state as plain data; resumes at the next batch
+
+
+@dataclass
 class TrainResult:
     model: nn.Module
     sparsity: ActivationSparsity
@@ -90,6 +99,14 @@ class _EpochTally:
     @property
     def trained_steps(self) -> int:
         return sum(self.events.values())  # one event per trained step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss, "correct": self.correct, "examples": self.examples, "realized_keep": self.realized_keep,
+                "nonfinite_steps": self.nonfinite_steps, "overflow_steps": self.overflow_steps, "events": dict(self.events)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> _EpochTally:
+        return cls(**{**state, "events": Counter(state["events"])})
 
     def add(self, loss_sum: float, correct: float, count: float, event: str, realized_keep: float) -> None:
         self.loss += loss_sum
@@ -251,6 +268,7 @@ class _Training:
         self.scaler = LossScaler(cfg.train.loss_scale_init, device) if cfg.train.precision == "fp16" else None
         self.select_split = "val" if cfg.eval.selection == "heldout" else "test"
         self.step, self.best_selected, self.consecutive_nonfinite = 0, None, 0
+        self.partial_epoch: dict[str, Any] | None = None  # a mid-epoch checkpoint's progress, until resumed
         self.result = TrainResult(model=model, sparsity=self.sparsity, final_record=None, best_record=None)
         # Each step's numbers leave the device in one asynchronous copy: loss sum, correct, count, the
         # non-finite loss and gradient flags, the loss scale, then `StepStats.numbers` (kept and value
@@ -273,10 +291,14 @@ class _Training:
             self.scaler.load_state_dict(state["scaler"])
         # "best_val" holds the best selection accuracy on either split (the key predates eval.selection)
         self.step, self.best_selected = state["step"], state["best_val"]
+        self.partial_epoch = state.get("partial_epoch")
         return state["epoch"] + 1
 
-    def checkpoint_state(self, epoch: int) -> dict[str, Any]:
+    def checkpoint_state(self, epoch: int, partial_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The state after `epoch` (-1: none), plus, mid-epoch, how far into the next one: its batches trained,
+        their tally and seconds (`partial_epoch`)."""
         return {
+            **({"partial_epoch": partial_epoch} if partial_epoch is not None else {}),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "controller": self.controller.state_dict(),
             "sparsity": self.sparsity.state_dict(), "rng": rng_state(self.device), "epoch": epoch, "step": self.step,
@@ -372,24 +394,41 @@ class _Training:
                 **({"loss_scale": loss_scale, "overflow": overflow} if self.scaler is not None else {}),
             })
 
-    def train_epoch(self, epoch: int) -> tuple[_EpochTally, float]:
-        """One epoch's steps; returns their tally and the seconds they took."""
+    def train_epoch(self, epoch: int, checkpoint_requested: Callable[[], bool] | None = None,
+                    on_mid_epoch: Callable[[MidEpoch], None] | None = None) -> tuple[_EpochTally, float]:
+        """One epoch's steps; returns their tally and the seconds they took. Every run.preemption_check_steps
+        batches it asks `checkpoint_requested` (every rank at the same batch) and, on yes, hands a mid-epoch
+        checkpoint to `on_mid_epoch`. An epoch resumed from one skips the batches it had trained."""
         self.loaders.train.set_epoch(epoch)
         self.model.train()
         self.sparsity.collecting = True
-        tally = _EpochTally()
+        tally, trained, seconds_before = _EpochTally(), 0, 0.0
+        if self.partial_epoch is not None:
+            tally = _EpochTally.from_state(self.partial_epoch["tally"])
+            trained, seconds_before = self.partial_epoch["batches"], self.partial_epoch["seconds"]
+            self.partial_epoch = None
+        batches, check_every = len(self.loaders.train), self.cfg.run.preemption_check_steps
         start = time.perf_counter()
         queued: deque[_PendingStep] = deque()
-        for images, labels in self.loaders.train:
+        # A resumed epoch still loads the batches it skips: the data order and augmentation draws continue exactly.
+        for done, (images, labels) in enumerate(self.loaders.train, start=1):
+            if done <= trained:
+                continue
             queued.append(self.run_step(images, labels, epoch))
             # Read the steps before this one (the device has moved on to this one), and this one too
             # when the controller may change rho after it: the next batch must run at the decided rho.
             # Every other step is read one step late, and the device never waits for the host.
             while len(queued) > 1 or (queued and self.controller.next_step_may_change_keep_ratio):
                 self.read_step(queued.popleft(), tally)
+            if checkpoint_requested and check_every and done % check_every == 0 and done < batches and checkpoint_requested():
+                while queued:  # reading early changes nothing the steps compute, only when the host learns it
+                    self.read_step(queued.popleft(), tally)
+                progress = {"epoch": epoch, "batches": done, "tally": tally.state_dict(),
+                            "seconds": seconds_before + time.perf_counter() - start}
+                on_mid_epoch(MidEpoch(epoch, done, self.step, lambda: self.checkpoint_state(epoch - 1, progress)))
         while queued:
             self.read_step(queued.popleft(), tally)
-        return tally, time.perf_counter() - start
+        return tally, seconds_before + time.perf_counter() - start
 
     # ---- evaluation and the epoch record
     def evaluate(self, epoch: int) -> tuple[dict, dict, dict]:
@@ -438,8 +477,11 @@ class _Training:
 
 
 def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequence[Sink] = (),
-          on_epoch_end: Callable[[EpochEnd], None] | None = None,
-          resume_state: dict[str, Any] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[EpochEnd], None] | None = None, resume_state: dict[str, Any] | None = None,
+          checkpoint_requested: Callable[[], bool] | None = None,
+          on_mid_epoch: Callable[[MidEpoch], None] | None = None) -> TrainResult:
+    """Train `cfg`; `on_epoch_end` gets every epoch's record and state, `on_mid_epoch` a mid-epoch state whenever
+    `checkpoint_requested` says yes (asked every run.preemption_check_steps batches, on every rank alike)."""
     if device.type == "cuda":
         # Bitwise-reproducible steps (seeded reruns, resume): cuDNN's autotuner and non-deterministic
         # kernels would let an attempt drift from the one it continues. cuBLAS needs
@@ -451,7 +493,7 @@ def train(cfg: Config, loaders: Loaders, *, device: torch.device, sinks: Sequenc
     run = _Training(cfg, loaders, device, sinks)
     start_epoch = 0 if resume_state is None else run.restore(resume_state)
     for epoch in range(start_epoch, cfg.train.epochs):
-        tally, train_time = run.train_epoch(epoch)
+        tally, train_time = run.train_epoch(epoch, checkpoint_requested, on_mid_epoch)
         record, is_best = run.record_epoch(epoch, tally, train_time, run.evaluate(epoch))
         if on_epoch_end is not None:
             on_epoch_end(EpochEnd(epoch=epoch, record=record, is_best=is_best,
