@@ -2,8 +2,8 @@
 disk, an S3 server on the bridge as the only shared storage, jobs sent with the `ray job submit` CLI from
 this machine as a user would, with no environment variable set by hand on the hosts.
 
-One uninterrupted 2-worker run is the reference; the run that loses whole hosts (rank 0's, then rank 1's)
-and the run stopped with `ray job stop` and relaunched with `--resume` must end bitwise equal to it.
+One uninterrupted 2-worker run is the reference; the run that loses whole hosts (rank 0's without notice, then
+rank 1's after a preemption notice) and the run stopped with `ray job stop` and relaunched with `--resume` must end bitwise equal to it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sparsedist.data.preparation import MANIFEST
 from sparsedist.logging import read_jsonl
 from sparsedist.rundir import RunMirror, recorded_failure
 from sparsedist.train.checkpoint import checkpoint_name, load_checkpoint
-from tests.hosts import REPO, VENV_BIN, HostCluster, namespaces_unavailable
+from tests.hosts import GCS_PORT, REPO, VENV_BIN, HostCluster, namespaces_unavailable
 
 UNAVAILABLE = namespaces_unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.multinode,
@@ -73,12 +73,13 @@ def ray_cli(cluster: HostCluster, *args: str, timeout: float = 600, check: bool 
     return subprocess.run([RAY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=check)
 
 
-def submit(cluster: HostCluster, entrypoint: list[str], *, wait: bool = True) -> tuple[str, subprocess.CompletedProcess | None]:
-    """`ray job submit` of `entrypoint` with the project's runtime env; without `wait`, returns once the job
-    is accepted."""
+def submit(cluster: HostCluster, entrypoint: list[str], *, wait: bool = True,
+           runtime_env: str = "cluster/runtime-env.yaml") -> tuple[str, subprocess.CompletedProcess | None]:
+    """`ray job submit` of `entrypoint` with the project's runtime env (or another); without `wait`, returns once
+    the job is accepted."""
     submission_id = f"job-{uuid.uuid4().hex[:8]}"
     args = ["job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id,
-            "--runtime-env", "cluster/runtime-env.yaml", *([] if wait else ["--no-wait"]), "--", *entrypoint]
+            "--runtime-env", runtime_env, *([] if wait else ["--no-wait"]), "--", *entrypoint]
     deadline = time.monotonic() + 90
     while True:
         result = ray_cli(cluster, *args)
@@ -152,17 +153,21 @@ def host_mirror(run_dir: str) -> str:
     return os.path.join("/tmp", os.path.relpath(RunMirror(run_dir).local, tempfile.gettempdir()))
 
 
-def rank_hosts(cluster: HostCluster, run_dir: str) -> dict[int, str]:
-    """rank -> host name, from the pid file each rank writes on its own host (the newest per rank)."""
-    found: dict[int, tuple[float, str]] = {}
+def rank_nodes(cluster: HostCluster, run_dir: str) -> dict[int, tuple[str, str]]:
+    """rank -> (host name, Ray node id), from the pid file each rank writes on its own host (the newest per rank)."""
+    found: dict[int, tuple[float, str, str]] = {}
     for name, host in cluster.hosts.items():
         for path in host.listing(os.path.join(host_mirror(run_dir), "pids")):
             if "/rank" in path:
                 rank = int(os.path.basename(path).removeprefix("rank").removesuffix(".pid"))
                 written = float(host.run("stat", "-c", "%.9Y", path).stdout)
                 if rank not in found or written > found[rank][0]:
-                    found[rank] = (written, name)
-    return {rank: name for rank, (_, name) in found.items()}
+                    found[rank] = (written, name, host.read_file(path).decode().split()[2])
+    return {rank: (name, node_id) for rank, (_, name, node_id) in found.items()}
+
+
+def rank_hosts(cluster: HostCluster, run_dir: str) -> dict[int, str]:
+    return {rank: name for rank, (name, _) in rank_nodes(cluster, run_dir).items()}
 
 
 @pytest.fixture(scope="module")
@@ -236,35 +241,56 @@ def newest_registered_epoch(run_dir: str) -> int:
     return max((int(epoch) for epoch in re.findall(r"epoch_(\d{5})", storage.read_bytes(snapshot).decode())), default=-1)
 
 
-def test_b_losing_whole_hosts_resumes_on_spare_hosts_and_ends_bitwise_equal(cluster, bucket, data_root, reference):
-    # One run loses the host of rank 0 once epoch 1 is registered, then, in the attempt that replaced it, the
-    # host of rank 1 once a later epoch is registered; a replacement host joins after each loss.
+def registered_mid_epoch(run_dir: str) -> bool:
+    snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    return storage.is_file(snapshot) and re.search(r"epoch_-?\d{4,5}_b\d{5}", storage.read_bytes(snapshot).decode()) is not None
+
+
+def test_b_losing_whole_hosts_resumes_on_spare_hosts_and_ends_bitwise_equal(cluster, bucket, data_root, reference, tmp_path):
+    # One run loses the host of rank 0 without notice once epoch 1 is registered; then, in the attempt that
+    # replaced it, the host of rank 1 is drained as a spot reclaim is (a preemption with a deadline) once
+    # epoch 2 is registered: the run checkpoints mid-epoch, and the host is lost after. A replacement host joins
+    # after each loss. Ray Train's drain watcher polls every 0.5 s here (5 s by default): epochs take seconds.
+    runtime_env = tmp_path / "runtime-env.yaml"
+    runtime_env.write_text((REPO / "cluster" / "runtime-env.yaml").read_text()
+                           + '  RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S: "0.5"\n')
     run_dir = f"s3://{bucket}/runs/hosts-lost"
-    submission_id, _ = submit(cluster, train_command(run_dir, data_root, "run.max_failures=4"), wait=False)
-    lost = []
-    for rank, epoch in ((0, 1), (1, 2)):
-        uploaded = {}
+    command = train_command(run_dir, data_root, "run.max_failures=4", "run.preemption_check_steps=1")
+    submission_id, _ = submit(cluster, command, wait=False, runtime_env=str(runtime_env))
+    uploaded = {}
 
-        def registered_since(epoch=epoch) -> bool:
-            if "at" not in uploaded and storage.is_file(storage.join(run_dir, checkpoint_name(epoch), "COMPLETE")):
-                uploaded["at"] = time.monotonic()
-            return newest_registered_epoch(run_dir) >= epoch and len(start_epochs(run_dir)) == len(lost) + 1
+    def registered_since() -> bool:
+        if "at" not in uploaded and storage.is_file(storage.join(run_dir, checkpoint_name(1), "COMPLETE")):
+            uploaded["at"] = time.monotonic()
+        return newest_registered_epoch(run_dir) >= 1
 
-        wait_until(registered_since, poll=0.1)
-        lag = time.monotonic() - uploaded.get("at", time.monotonic())
-        host = rank_hosts(cluster, run_dir)[rank]
-        cluster.lose(host)
-        lost.append(host)
-        print(f"rank {rank}'s host {host} lost after epoch {epoch}; its checkpoint registered {lag:.1f}s after upload")
-        cluster.add_ray_host(f"{host}x")
+    wait_until(registered_since, poll=0.1)
+    lag = time.monotonic() - uploaded.get("at", time.monotonic())
+    first = rank_hosts(cluster, run_dir)[0]
+    cluster.lose(first)
+    print(f"rank 0's host {first} lost after epoch 1; its checkpoint registered {lag:.1f}s after upload")
+    cluster.add_ray_host(f"{first}x")
+
+    wait_until(lambda: newest_registered_epoch(run_dir) >= 2 and len(start_epochs(run_dir)) == 2, poll=0.1)
+    second, node_id = rank_nodes(cluster, run_dir)[1]
+    drained = time.monotonic()
+    ray_cli(cluster, "drain-node", "--address", f"{cluster.head_address}:{GCS_PORT}", "--node-id", node_id,
+            "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+            "--deadline-remaining-seconds", "120", check=True)
+    wait_until(lambda: registered_mid_epoch(run_dir), timeout=120, poll=0.1)
+    print(f"rank 1's host {second} drained; a mid-epoch checkpoint registered {time.monotonic() - drained:.1f}s later")
+    cluster.lose(second)
+    cluster.add_ray_host(f"{second}x")
     lost_at = time.monotonic()
     status = wait_for_job(cluster, submission_id)
     print(f"job done {time.monotonic() - lost_at:.1f}s after the second loss")
     assert "succeeded" in status, status
-    starts = start_epochs(run_dir)
-    # Each restart began past the epochs done before its loss, from the checkpoints in the bucket.
-    assert len(starts) == 3 and starts[0] == 0 and starts[1] >= 2 and starts[2] >= 3, starts
-    assert not set(lost) & set(rank_hosts(cluster, run_dir).values())
+    attempts = read_jsonl(storage.join(run_dir, "attempts.jsonl"))
+    starts = [(attempt["start_epoch"], attempt["start_batch"]) for attempt in attempts]
+    # Each restart began past the work done before its loss: the second one mid-epoch, at the preemption checkpoint.
+    assert len(starts) == 3 and starts[0] == (0, 0) and starts[1][0] >= 2 and starts[2] > (starts[1][0], 0), starts
+    assert starts[2][1] > 0, starts
+    assert not {first, second} & set(rank_hosts(cluster, run_dir).values())
     assert_bitwise_equal(run_dir, reference[0])
 
 
