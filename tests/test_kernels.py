@@ -65,7 +65,7 @@ def on_device_zero_below(x: torch.Tensor, threshold: float, use_kernel: bool, co
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_op_keeps_the_same_k_values_as_the_eager_selection(dtype, layout, use_kernel, shape):
     x = site_input(shape, dtype, layout, seed=0)
-    for keep_ratio in (0.01, 0.2, 0.6, 1.0):
+    for keep_ratio in (0.01, 0.6, 1.0):
         ours, ours_grad = forward_and_gradient(lambda v: on_device_top_k(v, keep_ratio, use_kernel), x)
         reference, reference_grad = forward_and_gradient(lambda v: top_k_per_sample(v, keep_ratio), x)
         assert same_bits(ours, reference) and same_bits(ours_grad, reference_grad)
