@@ -138,7 +138,11 @@ def values_of(node, key: str) -> list:
 
 def test_kuberay_rayjob_uses_token_auth_and_no_public_service():
     documents = kuberay_documents()
-    assert documents["RayJob"]["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    auth = documents["RayJob"]["spec"]["rayClusterSpec"]["authOptions"]
+    assert auth["mode"] == "token"
+    # The Secret the docs tell you to create once is the one the job reads its token from.
+    created = re.findall(r"kubectl create secret generic (\S+) --from-literal=auth_token=", (REPO / "docs" / "ray.md").read_text())
+    assert created == [auth["secretName"]]
     service_types = values_of(list(documents.values()), "serviceType") + values_of(list(documents.values()), "type")
     assert not {"LoadBalancer", "NodePort"} & set(map(str, service_types))
     assert "Service" not in documents and "Ingress" not in documents
