@@ -37,7 +37,8 @@ def _install_source() -> str:
 
 
 def _requirements(extra: str) -> list[str]:
-    """The distributions `extra` asks for, following `sparsedist[...]` self-references."""
+    """The distributions `extra` asks for, following `sparsedist[...]` self-references. Markers are read
+    only for their `extra == "..."`: pyproject's extras carry no other condition."""
     lines = importlib.metadata.requires(PACKAGE) or []
     found, pending, seen = [], [extra], set()
     while pending:
@@ -51,7 +52,7 @@ def _requirements(extra: str) -> list[str]:
             if not marker_extra or marker_extra.group(1) != current:
                 continue
             name, extras = _NAME.match(spec).groups()
-            if name == PACKAGE:
+            if re.sub(r"[-_.]+", "-", name).lower() == PACKAGE:
                 pending.extend(part.strip() for part in (extras or "").split(","))
             else:
                 found.append(name)

@@ -1,7 +1,7 @@
 """Metric records and the sinks that persist them (rank 0 only).
 
 The training loop emits plain-dict records:
-  step  -> {"kind": "step", "epoch", "step", "loss", "accuracy", "keep_ratio", "threshold",
+  step  -> {"kind": "step", "epoch", "batch" (1-based, in the epoch), "step", "loss", "accuracy", "keep_ratio", "threshold",
             "realized_keep", "event", "lr", "skipped", "density": {site: fraction},
             fp16 only: "loss_scale" (the scale the step ran with), "overflow" (its update was skipped)}
   epoch -> {"kind": "epoch", "epoch", "step", "train_loss", "train_accuracy", "keep_ratio",
@@ -93,15 +93,20 @@ def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def rewind_jsonl(path: str, last_epoch: int, last_step: int | None = None) -> None:
-    """Drop the records past a checkpoint: epoch records after `last_epoch`, step records after `last_step` (a
-    mid-epoch checkpoint keeps its epoch's steps so far; None: those of epochs after `last_epoch`). A run resumed
-    from it redoes them, and one clean history keeps metrics.jsonl, TensorBoard and summary.json in agreement."""
+def rewind_jsonl(path: str, last_epoch: int, partial_batches: int | None = None) -> None:
+    """Drop the records past a checkpoint: those of epochs after `last_epoch`, except, for a mid-epoch
+    checkpoint, the step records of the next epoch's first `partial_batches` batches. A run resumed from it
+    redoes the rest, and one clean history keeps metrics.jsonl, TensorBoard and summary.json in agreement."""
     if not os.path.exists(path):
         return
-    kept = [record for record in read_jsonl(path)
-            if (record["epoch"] <= last_epoch if record["kind"] != "step" or last_step is None
-                else record["step"] <= last_step)]
+
+    def before(record: dict[str, Any]) -> bool:
+        if record["epoch"] <= last_epoch:
+            return True
+        return (partial_batches is not None and record["kind"] == "step" and record["epoch"] == last_epoch + 1
+                and record["batch"] <= partial_batches)
+
+    kept = [record for record in read_jsonl(path) if before(record)]
     write_atomic(path, "".join(json.dumps(record, sort_keys=True) + "\n" for record in kept).encode())
 
 

@@ -242,7 +242,7 @@ def newest_registered_epoch(run_dir: str) -> int:
 
 def registered_mid_epoch(run_dir: str) -> bool:
     snapshot = storage.join(run_dir, "checkpoint_manager_snapshot.json")
-    return storage.is_file(snapshot) and re.search(r"epoch_-?\d{4,5}_b\d{5}", storage.read_bytes(snapshot).decode()) is not None
+    return storage.is_file(snapshot) and re.search(r"epoch_-?\d{4,5}_b\d{7}", storage.read_bytes(snapshot).decode()) is not None
 
 
 def test_b_losing_whole_hosts_resumes_on_spare_hosts_and_ends_bitwise_equal(cluster, bucket, data_root, reference):

@@ -56,7 +56,7 @@ def link_installed(distribution_name, target):
     for key, distribution in requirement_closure(distribution_name).items():
         if key in ("pip", "setuptools"):  # the new environment has its own
             continue
-        for top in {f.parts[0] for f in distribution.files if f.parts[0] != ".." and f.suffix != ".pth"}:
+        for top in {f.parts[0] for f in distribution.files or [] if f.parts[0] != ".." and f.suffix != ".pth"}:
             source, link = distribution.locate_file(top), os.path.join(target, top)
             if os.path.exists(source) and not os.path.lexists(link):
                 os.symlink(source, link)
@@ -81,9 +81,11 @@ def core_env(tmp_path_factory):
     return env / "bin"
 
 
-def run_in(core_env, *args, **kwargs):
+def run_in(core_env, *args):
+    # Without PYTHONPATH or PYTHONHOME: nothing but the environment's own packages may be imported.
+    env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "PYTHONHOME")}
     return subprocess.run([str(core_env / args[0]), *args[1:]], capture_output=True, text=True, timeout=300,
-                          cwd=core_env.parent.parent, **kwargs)
+                          cwd=core_env.parent.parent, env=env)
 
 
 def test_core_has_none_of_the_extras(core_env):

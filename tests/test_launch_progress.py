@@ -7,7 +7,7 @@ import json
 import os
 import pty
 
-from sparsedist.logging import JsonLinesSink, JsonLinesTail, ProgressLine, rewind_jsonl
+from sparsedist.logging import JsonLinesSink, JsonLinesTail, ProgressLine, read_jsonl, rewind_jsonl
 
 
 class FakeClock:
@@ -93,6 +93,18 @@ def test_tail_returns_only_whole_new_records_and_follows_a_rewind(tmp_path):
     with open(path, "a") as handle:
         handle.write(json.dumps(step(1, 3, keep=0.9)) + "\n")
     assert [(r["step"], r["keep_ratio"]) for r in tail.read_new()] == [(1, 0.5), (2, 0.5), (3, 0.9)]
+
+
+def test_a_mid_epoch_rewind_keeps_the_epochs_steps_up_to_its_batch(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    records = [{"kind": "step", "epoch": 0, "batch": 1, "step": 1}, {"kind": "epoch", "epoch": 0, "step": 1},
+               *({"kind": "step", "epoch": 1, "batch": b, "step": 1 + b} for b in (1, 2, 3)),
+               {"kind": "epoch", "epoch": 1, "step": 4}, {"kind": "step", "epoch": 2, "batch": 1, "step": 5}]
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in records)
+    rewind_jsonl(path, last_epoch=0, partial_batches=2)  # a checkpoint 2 batches into epoch 1
+    assert [(r["kind"], r["epoch"], r.get("batch")) for r in read_jsonl(path)] == [
+        ("step", 0, 1), ("epoch", 0, None), ("step", 1, 1), ("step", 1, 2)]
 
 
 def test_records_already_shown_or_in_the_history_are_not_shown_again():

@@ -7,7 +7,7 @@ from sparsedist.config import regime_key
 from sparsedist.controllers import build_controller
 from sparsedist.logging import JsonLinesSink, progress_text, read_jsonl
 from sparsedist.report.summary import regime_table, summarize
-from sparsedist.train.checkpoint import load_checkpoint, save_checkpoint
+from sparsedist.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sparsedist.train.loop import NonFiniteLossError, build_optimizer, lr_factor, train
 from tests.distributed import run_gloo
 from tests.helpers import loaders_for, tiny_config
@@ -97,8 +97,12 @@ def test_a_mid_epoch_checkpoint_resumes_at_the_next_batch_on_the_identical_traje
         return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "images_per_sec")} for r in records]
 
     # The records up to the checkpoint, then the resumed ones: the uninterrupted history, epoch 1's tally included.
-    kept = [r for r in interrupted_records if r["kind"] == "epoch" or r["step"] <= steps_before]
-    assert timeless(kept + resumed_records) == timeless(straight_records)
+    assert [(r["epoch"], r["batch"]) for r in interrupted_records if r["kind"] == "step"][-1] == (1, 3)
+    assert timeless(list(interrupted_records) + resumed_records) == timeless(straight_records)
+    # Its batches were cut for one replica: another world size is refused, not resumed on other examples.
+    state["partial_epoch"]["world_size"] = 2
+    with pytest.raises(CheckpointError, match="written mid-epoch by 2 workers"):
+        train(cfg, loaders_for(cfg), device=CPU, resume_state=state)
 
 
 class ListSink(list):

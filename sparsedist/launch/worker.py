@@ -177,7 +177,7 @@ def run_replica(cfg: Config) -> None:
                      + f" (step {resume_state['step']})")
         metrics_path = mirror.path(METRICS_FILE)
         # Records past the restored checkpoint belong to an attempt whose work is about to be redone.
-        rewind_jsonl(metrics_path, last_done_epoch, resume_state["step"] if partial else None)
+        rewind_jsonl(metrics_path, last_done_epoch, partial["batches"] if partial else None)
         tensorboard = TensorBoardSink(mirror.path(TENSORBOARD_DIR),
                                       purge_step=None if resume_state is None else resume_state["step"] + 1)
         sinks = [JsonLinesSink(metrics_path), tensorboard, *tracking_sinks(cfg)]

@@ -118,9 +118,9 @@ def load_checkpoint(directory: str, map_location: str | torch.device = "cpu") ->
 
 
 def checkpoint_name(epoch: int, batches: int | None = None) -> str:
-    """epoch_00003 after (0-based) epoch 3; epoch_00003_b00057 mid-epoch, 57 batches into the next one. Names
-    sort in training order (a first-epoch mid-epoch checkpoint, epoch -1, sorts before epoch_00000)."""
-    return f"epoch_{epoch:05d}" + (f"_b{batches:05d}" if batches is not None else "")
+    """epoch_00003 after (0-based) epoch 3; epoch_00003_b0000057 mid-epoch, 57 batches into the next one.
+    Names sort in training order (a first-epoch mid-epoch checkpoint, epoch -1, sorts before epoch_00000)."""
+    return f"epoch_{epoch:05d}" + (f"_b{batches:07d}" if batches is not None else "")
 
 
 def state_checkpoint_name(state: dict[str, Any]) -> str:
@@ -128,19 +128,20 @@ def state_checkpoint_name(state: dict[str, Any]) -> str:
     return checkpoint_name(state["epoch"], (state.get("partial_epoch") or {}).get("batches"))
 
 
-def complete_checkpoints(root: str) -> Iterator[str]:
+def complete_checkpoints(root: str, mid_epoch: bool = True) -> Iterator[str]:
     """The complete `epoch_*` checkpoint directories under root, a path or a storage URI, newest first, found
-    by listing (damaged ones raise on load, not here)."""
+    by listing (damaged ones raise on load, not here); without `mid_epoch`, epoch checkpoints only."""
     if not storage.is_uri(root) and not os.path.isdir(root):
         return
-    names = [name for name in storage.list_dir(root) if name.startswith("epoch_")]
+    names = [name for name in storage.list_dir(root) if name.startswith("epoch_") and (mid_epoch or "_b" not in name)]
     yield from (storage.join(root, name) for name in reversed(names)
                 if storage.is_file(storage.join(root, name, MARKER_FILE)))
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete `epoch_*` checkpoint directory under root, or None."""
-    return next(complete_checkpoints(root), None)
+    """The newest complete epoch checkpoint directory under root (what `eval` and `export` read), or None;
+    mid-epoch checkpoints are for resuming."""
+    return next(complete_checkpoints(root, mid_epoch=False), None)
 
 
 def newer_of(state: dict[str, Any] | None, root: str) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ from sparsedist.data.base import Batch, Loaders
 from sparsedist.logging import Sink
 from sparsedist.models import build_model
 from sparsedist.sparsity import ActivationSparsity, StepStats
+from sparsedist.train.checkpoint import CheckpointError
 from sparsedist.train.distributed import all_reduce_sum, world
 from sparsedist.train.host_copy import HostCopies
 from sparsedist.train.precision import LossScaler, autocast
@@ -79,6 +80,7 @@ class TrainResult:
 class _PendingStep:
     """A step queued on the device whose numbers the host has not read yet."""
     epoch: int
+    batch: int  # 1-based, within the epoch: what a mid-epoch rewind keeps records by
     keep_ratio: float  # the rho it ran with
     lr: float  # the lr after it (as logged)
     stats: StepStats
@@ -292,6 +294,13 @@ class _Training:
         # "best_val" holds the best selection accuracy on either split (the key predates eval.selection)
         self.step, self.best_selected = state["step"], state["best_val"]
         self.partial_epoch = state.get("partial_epoch")
+        if self.partial_epoch is not None:
+            # Its batches were cut for that many replicas (each rank's share, its augmentation draws).
+            if self.partial_epoch["world_size"] != world()[1]:
+                raise CheckpointError(
+                    f"this checkpoint was written mid-epoch by {self.partial_epoch['world_size']} workers; resume it "
+                    f"with scaling.num_workers={self.partial_epoch['world_size']}, or from an epoch checkpoint")
+            self.consecutive_nonfinite = self.partial_epoch["consecutive_nonfinite"]
         return state["epoch"] + 1
 
     def checkpoint_state(self, epoch: int, partial_epoch: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -311,7 +320,7 @@ class _Training:
         for sink in self.sinks:
             sink.write(record)
 
-    def run_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int) -> _PendingStep:
+    def run_step(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> _PendingStep:
         """Queue one optimizer step on the device; nothing here waits for it."""
         cfg, device, optimizer, scaler = self.cfg, self.device, self.optimizer, self.scaler
         keep_used = self.sparsity.keep_ratio
@@ -348,7 +357,7 @@ class _Training:
             loss_scale = scaler.scale.double().view(1)  # a copy: the scale this step ran with
             scaler.update(skipped)
         stats = self.sparsity.finish_step(skipped=skipped)
-        return _PendingStep(epoch, keep_used, optimizer.param_groups[0]["lr"], stats,
+        return _PendingStep(epoch, batch_index, keep_used, optimizer.param_groups[0]["lr"], stats,
                             self.host_copies.send(torch.cat([batch, loss_scale, stats.numbers])))
 
     def read_step(self, pending: _PendingStep, tally: _EpochTally) -> None:
@@ -363,7 +372,8 @@ class _Training:
         if (loss_nonfinite or grads_nonfinite) and not overflow:
             tally.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
-            self.write({"kind": "step", "epoch": pending.epoch, "step": self.step, "skipped": True, "loss": None,
+            self.write({"kind": "step", "epoch": pending.epoch, "batch": pending.batch, "step": self.step,
+                        "skipped": True, "loss": None,
                         "event": "nonfinite", "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold})
             if self.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(
@@ -387,7 +397,8 @@ class _Training:
                                        "threshold": pending.stats.threshold})
         if self.step % cfg.train.log_every_steps == 0 or decision.event not in ("hold", "warmup") or overflow:
             self.write({
-                "kind": "step", "epoch": pending.epoch, "step": self.step, "skipped": False, "loss": loss_sum / count,
+                "kind": "step", "epoch": pending.epoch, "batch": pending.batch, "step": self.step, "skipped": False,
+                "loss": loss_sum / count,
                 "accuracy": accuracy, "keep_ratio": pending.keep_ratio, "threshold": pending.stats.threshold,
                 "realized_keep": pending.stats.realized_keep, "event": decision.event, "lr": pending.lr,
                 "density": pending.stats.site_density,
@@ -414,7 +425,7 @@ class _Training:
         for done, (images, labels) in enumerate(self.loaders.train, start=1):
             if done <= trained:
                 continue
-            queued.append(self.run_step(images, labels, epoch))
+            queued.append(self.run_step(images, labels, epoch, done))
             # Read the steps before this one (the device has moved on to this one), and this one too
             # when the controller may change rho after it: the next batch must run at the decided rho.
             # Every other step is read one step late, and the device never waits for the host.
@@ -424,7 +435,8 @@ class _Training:
                 while queued:  # reading early changes nothing the steps compute, only when the host learns it
                     self.read_step(queued.popleft(), tally)
                 progress = {"epoch": epoch, "batches": done, "tally": tally.state_dict(),
-                            "seconds": seconds_before + time.perf_counter() - start}
+                            "seconds": seconds_before + time.perf_counter() - start, "world_size": world()[1],
+                            "consecutive_nonfinite": self.consecutive_nonfinite}
                 on_mid_epoch(MidEpoch(epoch, done, self.step, lambda: self.checkpoint_state(epoch - 1, progress)))
         while queued:
             self.read_step(queued.popleft(), tally)
