@@ -34,7 +34,8 @@ from sparsedist.rundir import (ATTEMPTS_FILE, BEST_DIR, METRICS_FILE, PIDS_DIR, 
                                record_failure)
 from sparsedist.tracking import tracking_sinks
 from sparsedist.launch.forwarding import MID_EPOCH_METRIC
-from sparsedist.train.checkpoint import CheckpointError, checkpoint_name, load_checkpoint, newer_of, save_checkpoint
+from sparsedist.train.checkpoint import (CheckpointError, checkpoint_name, load_checkpoint, newer_of, save_checkpoint,
+                                         state_checkpoint_name)
 from sparsedist.train.distributed import gather_failures
 from sparsedist.train.loop import EpochEnd, MidEpoch, NonFiniteLossError, train
 
@@ -228,11 +229,12 @@ def run_replica(cfg: Config) -> None:
         """The checkpoint a preemption notice asks for, registered like an epoch's: the restart loses at most
         run.preemption_check_steps steps. Tune trials do not see its report (`forwarding`)."""
         with tempfile.TemporaryDirectory(prefix="sparsedist-ckpt-") as staging:
-            checkpoint, name = None, checkpoint_name(mid.epoch - 1, mid.batches)
+            checkpoint, name = None, None
             if rank == 0:
-                checkpoint = checkpoint_for_ray(staging, name, mid.state())
-            ray.train.report({MID_EPOCH_METRIC: mid.step}, checkpoint=checkpoint,
-                             checkpoint_dir_name=name if checkpoint is not None else None)
+                state = mid.state()
+                name = state_checkpoint_name(state)
+                checkpoint = checkpoint_for_ray(staging, name, state)
+            ray.train.report({MID_EPOCH_METRIC: mid.step}, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     try:
         train(cfg, loaders, device=device, sinks=sinks, on_epoch_end=on_epoch_end, resume_state=resume_state,

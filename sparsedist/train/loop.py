@@ -15,7 +15,7 @@ import random
 import time
 from collections import Counter, deque
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -60,8 +60,6 @@ class EpochEnd:
 @dataclass
 class MidEpoch:
     """A step boundary inside an epoch where the caller asked for a checkpoint (a preemption notice)."""
-    epoch: int  # 0-based epoch in progress
-    batches: int  # of it trained so far
     step: int
     state: Callable[[], dict[str, Any]]  # full checkpoint state as plain data; resumes at the next batch
 
@@ -103,8 +101,7 @@ class _EpochTally:
         return sum(self.events.values())  # one event per trained step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "correct": self.correct, "examples": self.examples, "realized_keep": self.realized_keep,
-                "nonfinite_steps": self.nonfinite_steps, "overflow_steps": self.overflow_steps, "events": dict(self.events)}
+        return {**asdict(self), "events": dict(self.events)}  # a plain dict: weights-only loading refuses a Counter
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> _EpochTally:
@@ -250,7 +247,7 @@ class _Training:
 
     def __init__(self, cfg: Config, loaders: Loaders, device: torch.device, sinks: Sequence[Sink]):
         self.cfg, self.loaders, self.device, self.sinks = cfg, loaders, device, sinks
-        self.rank, world_size = world()
+        self.rank, self.world_size = world()
         steps_per_epoch = len(loaders.train)
         self.controller = build_controller(cfg.controller, steps_per_epoch)
         self.sparsity = ActivationSparsity(cfg.sparsity.scope, keep_ratio=self.controller.keep_ratio)
@@ -260,7 +257,7 @@ class _Training:
         self.model = model
         self.sparsity.to(device)  # rho, tau and the step counts live where the sites run
         # DDP averages gradients; every replica already starts from the same seeded initialization.
-        self.trained = DistributedDataParallel(model) if world_size > 1 else model
+        self.trained = DistributedDataParallel(model) if self.world_size > 1 else model
         if cfg.train.compile:
             # Training forwards only; evaluation runs `model` eagerly.
             self.trained = torch.compile(self.trained, mode=cfg.train.compile_mode)
@@ -296,7 +293,7 @@ class _Training:
         self.partial_epoch = state.get("partial_epoch")
         if self.partial_epoch is not None:
             # Its batches were cut for that many replicas (each rank's share, its augmentation draws).
-            if self.partial_epoch["world_size"] != world()[1]:
+            if self.partial_epoch["world_size"] != self.world_size:
                 raise CheckpointError(
                     f"this checkpoint was written mid-epoch by {self.partial_epoch['world_size']} workers; resume it "
                     f"with scaling.num_workers={self.partial_epoch['world_size']}, or from an epoch checkpoint")
@@ -435,9 +432,9 @@ class _Training:
                 while queued:  # reading early changes nothing the steps compute, only when the host learns it
                     self.read_step(queued.popleft(), tally)
                 progress = {"epoch": epoch, "batches": done, "tally": tally.state_dict(),
-                            "seconds": seconds_before + time.perf_counter() - start, "world_size": world()[1],
+                            "seconds": seconds_before + time.perf_counter() - start, "world_size": self.world_size,
                             "consecutive_nonfinite": self.consecutive_nonfinite}
-                on_mid_epoch(MidEpoch(epoch, done, self.step, lambda: self.checkpoint_state(epoch - 1, progress)))
+                on_mid_epoch(MidEpoch(self.step, lambda: self.checkpoint_state(epoch - 1, progress)))
         while queued:
             self.read_step(queued.popleft(), tally)
         return tally, seconds_before + time.perf_counter() - start
