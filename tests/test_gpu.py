@@ -1,12 +1,14 @@
 """On a CUDA device (`make gpu-check` runs these with `pytest -m gpu`): the kernels against the eager
 reference on the real WRN-28-4 site shapes, bf16 autocast and channels_last training with and without
 kernels, a compiled model through a keep-ratio schedule, training steps that never wait for the device
-and resume (bf16, and fp16 with its loss scaler), and the determinism of tau."""
+and resume (bf16, and fp16 with its loss scaler), the determinism of tau, and the cluster nodes' GPU check."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +167,12 @@ def test_resume_on_cuda_continues_the_identical_trajectory(tmp_path, precision):
     for name, value in straight.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
     assert resumed.sparsity.threshold == straight.sparsity.threshold > 0
+
+
+def test_the_node_check_sees_the_gpu_and_runs_an_nccl_all_reduce():
+    # cluster/check-node.py --gpu, as each GPU worker of the launcher configs runs it before Ray starts.
+    path = Path(__file__).resolve().parents[1] / "cluster" / "check-node.py"
+    spec = importlib.util.spec_from_file_location("check_node", path)
+    check_node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_node)
+    assert check_node.check_gpu().endswith("all-reduce ok")
