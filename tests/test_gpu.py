@@ -58,7 +58,7 @@ def test_kernels_on_cuda_select_what_the_cpu_reference_selects_on_the_real_site_
         assert counts[HISTOGRAM_BINS:].tolist() == [histogram[:KEPT_BINS].sum().item(), x.numel()]
 
 
-def bf16_training_record(scope: str, use_kernels: bool, compile: bool = False,
+def bf16_training_record(scope: str, use_kernels: bool, compile_mode: str | None = None,
                          steps_context=contextlib.nullcontext) -> tuple[list, ActivationSparsity]:
     """Logits, gradients, statistics and tau of 4 bf16-autocast, channels_last steps through rho 1 -> 0.05.
 
@@ -67,7 +67,7 @@ def bf16_training_record(scope: str, use_kernels: bool, compile: bool = False,
     torch.manual_seed(0)
     model = WideResNet(depth=10, widen_factor=2, make_site=sparsity.new_site).to(CUDA, memory_format=torch.channels_last)
     sparsity.to(CUDA)
-    trained = torch.compile(model) if compile else model
+    trained = torch.compile(model, mode=compile_mode) if compile_mode else model
     images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(CUDA, memory_format=torch.channels_last)
     on_device = []
     with steps_context():
@@ -78,7 +78,8 @@ def bf16_training_record(scope: str, use_kernels: bool, compile: bool = False,
             logits.float().square().mean().backward()
             stats = sparsity.finish_step()
             sparsity.set_keep_ratio(keep_ratio)
-            on_device.append((logits.detach(), [p.grad.clone() for p in model.parameters()], stats,
+            # Cloned: a CUDA graph replay (reduce-overhead) reuses its output's memory.
+            on_device.append((logits.detach().clone(), [p.grad.clone() for p in model.parameters()], stats,
                               sparsity.threshold_tensor.clone()))
     record = [(logits.cpu(), [grad.cpu() for grad in grads], (stats.realized_keep, stats.site_density, stats.threshold),
                tau.item()) for logits, grads, stats, tau in on_device]
@@ -110,12 +111,14 @@ def test_tau_is_deterministic_across_identical_cuda_runs():
     assert all(tau > 0 for *_, tau in first[1:])
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])  # reduce-overhead: train.compile_mode
 @pytest.mark.parametrize("scope", ["layer", "network"])
-def test_a_compiled_cuda_model_follows_the_keep_ratio_schedule_on_one_compilation(scope):
+def test_a_compiled_cuda_model_follows_the_keep_ratio_schedule_on_one_compilation(scope, mode):
     torch._dynamo.reset()
     counters.clear()
-    compiled, sparsity = bf16_training_record(scope, use_kernels=True, compile=True)
+    compiled, sparsity = bf16_training_record(scope, use_kernels=True, compile_mode=mode)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters)  # every step replays its CUDA graphs
     assert compiled[-1][2][0] < 0.15
 
 
