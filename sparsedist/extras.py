@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import re
 from urllib.parse import unquote, urlsplit
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 PACKAGE = "sparsedist"
-_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[([^\]]*)\])?")
-_EXTRA_MARKER = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
 class MissingExtraError(Exception):
@@ -22,7 +22,7 @@ class MissingExtraError(Exception):
 
     def __init__(self, feature: str, extra: str, missing: list[str]):
         self.extra = extra
-        super().__init__(f"{feature} needs the [{extra}] extra, which is not installed (missing: {', '.join(missing)}); "
+        super().__init__(f"{feature} needs the [{extra}] extra, which is not fully installed ({'; '.join(missing)}); "
                          f"install it with: pip install '{_install_source()}[{extra}]'")
 
 
@@ -36,46 +36,61 @@ def _install_source() -> str:
     return unquote(url.path) if url.scheme == "file" and "dir_info" in origin else PACKAGE
 
 
-def _requirements(extra: str) -> list[str]:
-    """The distributions `extra` asks for, following `sparsedist[...]` self-references. Markers are read
-    only for their `extra == "..."`: pyproject's extras carry no other condition."""
-    lines = importlib.metadata.requires(PACKAGE) or []
+def _requirements(extra: str) -> list[Requirement]:
+    """The requirements `extra` lists, following `sparsedist[...]` self-references."""
+    lines = [Requirement(line) for line in importlib.metadata.requires(PACKAGE) or []]
     found, pending, seen = [], [extra], set()
     while pending:
         current = pending.pop()
         if current in seen:
             continue
         seen.add(current)
-        for line in lines:
-            spec, _, marker = line.partition(";")
-            marker_extra = _EXTRA_MARKER.search(marker)
-            if not marker_extra or marker_extra.group(1) != current:
+        for requirement in lines:
+            if requirement.marker is None or not requirement.marker.evaluate({"extra": current}):
                 continue
-            name, extras = _NAME.match(spec).groups()
-            if re.sub(r"[-_.]+", "-", name).lower() == PACKAGE:
-                pending.extend(part.strip() for part in (extras or "").split(","))
+            if canonicalize_name(requirement.name) == PACKAGE:
+                pending.extend(requirement.extras)
             else:
-                found.append(name)
+                found.append(requirement)
     return found
 
 
+def _unmet(requirement: Requirement) -> list[str]:
+    """What keeps an installed environment from meeting `requirement`: the distribution itself, its version,
+    or the distributions its own extras ask for (`ray[tune]` with bare `ray` installed)."""
+    extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+    wanted = f"{requirement.name}{extras}{requirement.specifier}"  # without its `extra == ...` marker
+    try:
+        distribution = importlib.metadata.distribution(requirement.name)
+    except importlib.metadata.PackageNotFoundError:
+        return [wanted]
+    version = distribution.version
+    if not requirement.specifier.contains(version, prereleases=True):
+        return [f"{wanted} ({version} is installed)"]
+    unmet = []
+    for extra in sorted(requirement.extras):
+        for line in distribution.requires or []:
+            needed = Requirement(line)
+            if needed.marker is not None and needed.marker.evaluate({"extra": extra}):
+                try:
+                    importlib.metadata.distribution(needed.name)
+                except importlib.metadata.PackageNotFoundError:
+                    unmet.append(f"{needed.name} (for {requirement.name}[{extra}])")
+    return unmet
+
+
 def missing_distributions(extra: str) -> list[str]:
-    """Distributions `extra` needs that are not installed (empty when it is, or when running from a bare source tree)."""
+    """What `extra` needs that is not installed, or not at a version it accepts (empty when all is there, or
+    when running from a bare source tree)."""
     try:
         requirements = _requirements(extra)
     except importlib.metadata.PackageNotFoundError:
         return []
-    missing = []
-    for name in requirements:
-        try:
-            importlib.metadata.distribution(name)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(name)
-    return sorted(set(missing))
+    return sorted({problem for requirement in requirements for problem in _unmet(requirement)})
 
 
 def require(extra: str, feature: str) -> None:
-    """Raise MissingExtraError naming `extra` unless every distribution it lists is installed."""
+    """Raise MissingExtraError naming `extra` unless every distribution it lists is installed at a version it accepts."""
     missing = missing_distributions(extra)
     if missing:
         raise MissingExtraError(feature, extra, missing)

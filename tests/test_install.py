@@ -50,10 +50,12 @@ def requirement_closure(name):
     return found
 
 
-def link_installed(distribution_name, target):
-    """Symlink the top-level files and folders of `distribution_name` and its requirements into `target`."""
+def link_installed(distribution_name, target, with_requirements=True):
+    """Symlink the top-level files and folders of `distribution_name` (and its requirements) into `target`."""
     os.makedirs(target)
-    for key, distribution in requirement_closure(distribution_name).items():
+    distributions = (requirement_closure(distribution_name) if with_requirements
+                     else {distribution_name: importlib.metadata.distribution(distribution_name)})
+    for key, distribution in distributions.items():
         if key in ("pip", "setuptools"):  # the new environment has its own
             continue
         for top in {f.parts[0] for f in distribution.files or [] if f.parts[0] != ".." and f.suffix != ".pth"}:
@@ -81,9 +83,11 @@ def core_env(tmp_path_factory):
     return env / "bin"
 
 
-def run_in(core_env, *args):
-    # Without PYTHONPATH or PYTHONHOME: nothing but the environment's own packages may be imported.
+def run_in(core_env, *args, pythonpath=None):
+    # Without PYTHONPATH or PYTHONHOME: nothing but the environment's own packages (and `pythonpath`) may be imported.
     env = {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "PYTHONHOME")}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     return subprocess.run([str(core_env / args[0]), *args[1:]], capture_output=True, text=True, timeout=300,
                           cwd=core_env.parent.parent, env=env)
 
@@ -154,3 +158,20 @@ def test_a_command_without_its_extra_exits_2_naming_it(core_env, command, extra)
                                "print(m.distribution('sparsedist').read_text('direct_url.json'))").stdout)["url"]
     assert f"pip install '{source.removeprefix('file://')}[{extra}]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_extra_with_unmet_extras_or_versions_of_its_own_is_named(core_env, tmp_path):
+    # Ray alone, as `pip install ray` leaves it: present, but not what ray[tune] or ray[default] ask for.
+    bare_ray = str(tmp_path / "bare-ray")
+    link_installed("ray", bare_ray, with_requirements=False)
+    result = run_in(core_env, "sparsedist", "tune", "--config", "smoke", "--space", "x.yaml", pythonpath=bare_ray)
+    assert result.returncode == 2 and "needs the [tune] extra" in result.stderr, result.stderr
+    assert "pandas (for ray[tune])" in result.stderr and "aiohttp (for ray[default])" in result.stderr
+    assert "Traceback" not in result.stderr
+    # An installed Ray of another release than the extras pin (its metadata, as pip writes it).
+    old_ray = tmp_path / "old-ray" / "ray-2.59.0.dist-info"
+    old_ray.mkdir(parents=True)
+    (old_ray / "METADATA").write_text("Metadata-Version: 2.1\nName: ray\nVersion: 2.59.0\n")
+    result = run_in(core_env, "sparsedist", "train", "--config", "smoke", pythonpath=str(old_ray.parent))
+    assert result.returncode == 2 and "needs the [train] extra" in result.stderr, result.stderr
+    assert re.search(r"ray\[default,train\]\S*>=2\.60\S* \(2\.59\.0 is installed\)", result.stderr), result.stderr
