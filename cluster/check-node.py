@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 
 
 def check_imports() -> str:
@@ -22,22 +21,29 @@ def check_imports() -> str:
     return f"torch {torch.__version__} (CUDA {torch.version.cuda}), ffcv and sparsedist import"
 
 
-def check_gpu() -> str:
+def all_reduce_once(backend: str, device) -> None:
+    """One all-reduce in a one-process group of `backend` on `device`."""
     import torch
     import torch.distributed as dist
+
+    accelerator = device if device.type != "cpu" else None  # NCCL binds its device up front
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=accelerator)
+    try:
+        value = torch.ones(1, device=device)
+        dist.all_reduce(value)
+        if value.item() != 1:
+            raise RuntimeError(f"a one-process {backend} all-reduce of 1 gave {value.item()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def check_gpu() -> str:
+    import torch
 
     if not torch.cuda.is_available():
         raise RuntimeError(f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees no GPU: is the "
                            "driver older than that CUDA needs? (nvidia-smi prints the newest CUDA the driver runs)")
-    with tempfile.NamedTemporaryFile() as rendezvous:
-        dist.init_process_group("nccl", store=dist.FileStore(rendezvous.name, 1), rank=0, world_size=1,
-                                device_id=torch.device("cuda", 0))
-        try:
-            value = torch.ones(1, device="cuda")
-            dist.all_reduce(value)
-            torch.cuda.synchronize()
-        finally:
-            dist.destroy_process_group()
+    all_reduce_once("nccl", torch.device("cuda", 0))
     nccl = ".".join(map(str, torch.cuda.nccl.version()))
     return f"{torch.cuda.get_device_name(0)}, NCCL {nccl}: all-reduce ok"
 

@@ -11,7 +11,7 @@ import importlib.metadata
 import json
 from urllib.parse import unquote, urlsplit
 
-from packaging.requirements import Requirement
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 PACKAGE = "sparsedist"
@@ -20,9 +20,9 @@ PACKAGE = "sparsedist"
 class MissingExtraError(Exception):
     """A feature's extra is not installed; the message says what to install."""
 
-    def __init__(self, feature: str, extra: str, missing: list[str]):
+    def __init__(self, feature: str, extra: str, unmet: list[str]):
         self.extra = extra
-        super().__init__(f"{feature} needs the [{extra}] extra, which is not fully installed ({'; '.join(missing)}); "
+        super().__init__(f"{feature} needs the [{extra}] extra, which is not fully installed ({'; '.join(unmet)}); "
                          f"install it with: pip install '{_install_source()}[{extra}]'")
 
 
@@ -36,9 +36,26 @@ def _install_source() -> str:
     return unquote(url.path) if url.scheme == "file" and "dir_info" in origin else PACKAGE
 
 
+def _parsed(lines: list[str] | None) -> list[Requirement]:
+    """Requirement lines of installed metadata; a line packaging cannot read is not ours to judge."""
+    parsed = []
+    for line in lines or []:
+        try:
+            parsed.append(Requirement(line))
+        except InvalidRequirement:
+            pass
+    return parsed
+
+
+def _in_extra(requirement: Requirement, extra: str) -> bool:
+    """Whether `extra` asks for `requirement` here: its marker holds with that extra and not without one."""
+    marker = requirement.marker
+    return marker is not None and marker.evaluate({"extra": extra}) and not marker.evaluate({"extra": ""})
+
+
 def _requirements(extra: str) -> list[Requirement]:
     """The requirements `extra` lists, following `sparsedist[...]` self-references."""
-    lines = [Requirement(line) for line in importlib.metadata.requires(PACKAGE) or []]
+    lines = _parsed(importlib.metadata.requires(PACKAGE))
     found, pending, seen = [], [extra], set()
     while pending:
         current = pending.pop()
@@ -46,7 +63,7 @@ def _requirements(extra: str) -> list[Requirement]:
             continue
         seen.add(current)
         for requirement in lines:
-            if requirement.marker is None or not requirement.marker.evaluate({"extra": current}):
+            if not _in_extra(requirement, current):
                 continue
             if canonicalize_name(requirement.name) == PACKAGE:
                 pending.extend(requirement.extras)
@@ -55,31 +72,29 @@ def _requirements(extra: str) -> list[Requirement]:
     return found
 
 
-def _unmet(requirement: Requirement) -> list[str]:
-    """What keeps an installed environment from meeting `requirement`: the distribution itself, its version,
-    or the distributions its own extras ask for (`ray[tune]` with bare `ray` installed)."""
+def _unmet(requirement: Requirement, seen: frozenset[tuple[str, str]] = frozenset()) -> list[str]:
+    """What keeps this environment from meeting `requirement`: the distribution missing, its version, or what
+    its own extras ask for, checked the same way (`pandas (for ray[tune])` with bare `ray` installed)."""
     extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
     wanted = f"{requirement.name}{extras}{requirement.specifier}"  # without its `extra == ...` marker
     try:
         distribution = importlib.metadata.distribution(requirement.name)
     except importlib.metadata.PackageNotFoundError:
         return [wanted]
-    version = distribution.version
-    if not requirement.specifier.contains(version, prereleases=True):
-        return [f"{wanted} ({version} is installed)"]
+    if not requirement.specifier.contains(distribution.version, prereleases=True):
+        return [f"{wanted} ({distribution.version} is installed)"]
     unmet = []
     for extra in sorted(requirement.extras):
-        for line in distribution.requires or []:
-            needed = Requirement(line)
-            if needed.marker is not None and needed.marker.evaluate({"extra": extra}):
-                try:
-                    importlib.metadata.distribution(needed.name)
-                except importlib.metadata.PackageNotFoundError:
-                    unmet.append(f"{needed.name} (for {requirement.name}[{extra}])")
+        key = (canonicalize_name(requirement.name), extra)
+        if key in seen:  # extras that name each other
+            continue
+        for needed in _parsed(distribution.requires):
+            if _in_extra(needed, extra):
+                unmet += [f"{problem} (for {requirement.name}[{extra}])" for problem in _unmet(needed, seen | {key})]
     return unmet
 
 
-def missing_distributions(extra: str) -> list[str]:
+def unmet_requirements(extra: str) -> list[str]:
     """What `extra` needs that is not installed, or not at a version it accepts (empty when all is there, or
     when running from a bare source tree)."""
     try:
@@ -91,6 +106,6 @@ def missing_distributions(extra: str) -> list[str]:
 
 def require(extra: str, feature: str) -> None:
     """Raise MissingExtraError naming `extra` unless every distribution it lists is installed at a version it accepts."""
-    missing = missing_distributions(extra)
-    if missing:
-        raise MissingExtraError(feature, extra, missing)
+    unmet = unmet_requirements(extra)
+    if unmet:
+        raise MissingExtraError(feature, extra, unmet)

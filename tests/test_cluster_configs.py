@@ -106,7 +106,8 @@ def test_node_image_builds_ffcv_apart_and_copies_the_source_last():
     source_copy = final.index("COPY --chown=ray:users . /home/ray/sparsedist")
     assert final.rindex('".[train,tune,mlflow]"') < source_copy and final.rindex("torch==") < source_copy
     assert "cluster/check-node.py" in final[source_copy:]
-    assert {".venv/", "data/", "runs/"} <= set((CLUSTER / "Dockerfile.dockerignore").read_text().split())
+    # What a job's working dir leaves behind stays out of the image too.
+    assert set(load("runtime-env.yaml")["excludes"]) <= set((CLUSTER / "Dockerfile.dockerignore").read_text().split())
 
 
 def test_the_images_dependency_layer_requires_what_the_project_requires(tmp_path):
@@ -135,6 +136,10 @@ def test_node_check_loads_ffcv_and_names_a_missing_gpu():
     if not torch.cuda.is_available():  # with a GPU, tests/test_gpu.py runs the NCCL part
         done = subprocess.run([*check, "--gpu"], capture_output=True, text=True, cwd=REPO)
         assert done.returncode == 1 and "sees no GPU" in done.stderr and "Traceback" not in done.stderr
+    # The process group of --gpu on gloo, set up and torn down as NCCL's is on a GPU node.
+    script = "import runpy, sys, torch; runpy.run_path(sys.argv[1])['all_reduce_once']('gloo', torch.device('cpu'))"
+    done = subprocess.run([sys.executable, "-c", script, str(CLUSTER / "check-node.py")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_runtime_env_ships_the_working_tree_without_virtualenv_data_and_runs():

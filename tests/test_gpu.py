@@ -6,7 +6,8 @@ and resume (bf16, and fp16 with its loss scaler), the determinism of tau, and th
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -116,9 +117,11 @@ def test_tau_is_deterministic_across_identical_cuda_runs():
 def test_a_compiled_cuda_model_follows_the_keep_ratio_schedule_on_one_compilation(scope, mode):
     torch._dynamo.reset()
     counters.clear()
-    compiled, sparsity = bf16_training_record(scope, use_kernels=True, compile_mode=mode)
+    # reduce-overhead: a step whose graphs inductor would skip (a mutated input without a static address,
+    # say) raises instead of running without them.
+    with torch._inductor.config.patch({"triton.cudagraph_or_error": mode == "reduce-overhead"}):
+        compiled, sparsity = bf16_training_record(scope, use_kernels=True, compile_mode=mode)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
-    assert not counters["inductor"]["cudagraph_skips"], dict(counters)  # every step replays its CUDA graphs
     assert compiled[-1][2][0] < 0.15
 
 
@@ -173,9 +176,9 @@ def test_resume_on_cuda_continues_the_identical_trajectory(tmp_path, precision):
 
 
 def test_the_node_check_sees_the_gpu_and_runs_an_nccl_all_reduce():
-    # cluster/check-node.py --gpu, as each GPU worker of the launcher configs runs it before Ray starts.
+    # cluster/check-node.py --gpu's part, as each GPU worker of the launcher configs runs it before Ray starts
+    # (in its own process: it makes and ends a default process group).
     path = Path(__file__).resolve().parents[1] / "cluster" / "check-node.py"
-    spec = importlib.util.spec_from_file_location("check_node", path)
-    check_node = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_node)
-    assert check_node.check_gpu().endswith("all-reduce ok")
+    done = subprocess.run([sys.executable, "-c", "import runpy, sys; print(runpy.run_path(sys.argv[1])['check_gpu']())",
+                           str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("all-reduce ok"), done.stderr

@@ -166,7 +166,7 @@ def test_an_extra_with_unmet_extras_or_versions_of_its_own_is_named(core_env, tm
     link_installed("ray", bare_ray, with_requirements=False)
     result = run_in(core_env, "sparsedist", "tune", "--config", "smoke", "--space", "x.yaml", pythonpath=bare_ray)
     assert result.returncode == 2 and "needs the [tune] extra" in result.stderr, result.stderr
-    assert "pandas (for ray[tune])" in result.stderr and "aiohttp (for ray[default])" in result.stderr
+    assert "pandas (for ray[tune])" in result.stderr and re.search(r"aiohttp\S* \(for ray\[default\]\)", result.stderr)
     assert "Traceback" not in result.stderr
     # An installed Ray of another release than the extras pin (its metadata, as pip writes it).
     old_ray = tmp_path / "old-ray" / "ray-2.59.0.dist-info"

@@ -166,9 +166,10 @@ class ActivationSparsity:
             self._keep_ratio_tensor = self._keep_ratio_tensor.to(device)
             self._threshold_tensor = self._threshold_tensor.to(device)
             self._counts = torch.zeros(size, dtype=torch.int64, device=device)
-            # A compiled step adds into the counts in place; at a fixed address, reduce-overhead's CUDA graphs
-            # keep that mutation (inductor skips the graphs for a mutated input whose address may change).
-            torch._dynamo.mark_static_address(self._counts)
+            if device.type == "cuda":
+                # A compiled step adds into the counts in place; at a fixed address, reduce-overhead's CUDA
+                # graphs keep that mutation (inductor skips the graphs for a mutated input whose address may change).
+                torch._dynamo.mark_static_address(self._counts)
         return self
 
     def apply_site(self, index: int, x: torch.Tensor) -> torch.Tensor:
