@@ -83,12 +83,12 @@ def _unmet(requirement: Requirement, seen: frozenset[tuple[str, str]] = frozense
         return [wanted]
     if not requirement.specifier.contains(distribution.version, prereleases=True):
         return [f"{wanted} ({distribution.version} is installed)"]
-    unmet = []
+    unmet, its_requirements = [], _parsed(distribution.requires)
     for extra in sorted(requirement.extras):
         key = (canonicalize_name(requirement.name), extra)
         if key in seen:  # extras that name each other
             continue
-        for needed in _parsed(distribution.requires):
+        for needed in its_requirements:
             if _in_extra(needed, extra):
                 unmet += [f"{problem} (for {requirement.name}[{extra}])" for problem in _unmet(needed, seen | {key})]
     return unmet
