@@ -17,13 +17,14 @@ that hangs or crashes costs only itself:
 1. tests: `pytest -m gpu tests/test_gpu.py -v`. A test that hangs (killed at the stage's limit, its
    stack dumped by faulthandler) or dies of a CUDA fault (which poisons the process's context) is
    recorded, and the tests after it run again in a fresh process while time is left;
-2. sites: the kernels vs `torch.topk` + scatter and vs the eager path on the WRN-28-4 site shapes;
+2. sites: the kernels vs their `torch.topk` references and vs the eager path on the WRN-28-4 site shapes;
 3. steps: WRN-28-4 train steps, batch 128, bf16, channels_last, eager, cuDNN deterministic as in
    training: dense images/s and every variant as x dense in the same run;
 4. steps_fp16: the same in fp16 (the paper's precision);
 5. steps_cudnn_benchmark: the same as 3 with cuDNN's autotuner (the released script's setting);
 6. steps_compiled: 3 with torch.compile'd dense and both scopes (compilation in warm-up);
 7. steps_cuda_graphs: 6 in mode reduce-overhead (`train.compile_mode`), each step a CUDA graph replay.
+The summary ends with issue 20's targets, each met, MISSED, or not judged (no figure, or a dry run).
 
 This module imports only the standard library at the top, so it can refuse cleanly anywhere.
 """
@@ -252,28 +253,83 @@ def stage_sites(dry_run: bool) -> dict:
     return run_site_benchmark(device="cuda", dtype=torch.bfloat16, channels_last=True, **BENCHMARK)
 
 
-def stage_steps(dry_run: bool, precision: str = "bf16", compile: bool = False, compile_mode: str = "default",
+def stage_steps(dry_run: bool, precision: str, compile: bool = False, compile_mode: str = "default",
                 cudnn_benchmark: bool = False) -> dict:
     from sparsedist.bench.sparsity import run_sparsity_benchmark
 
     if dry_run:  # compile stays off: CPU inductor compilations take minutes; the stage's plumbing is what runs
-        return run_sparsity_benchmark(repeats=1, warmup=1, cudnn_benchmark=cudnn_benchmark, **DRY_RUN_BENCHMARK)
+        return run_sparsity_benchmark(repeats=1, warmup=1, precision=precision, channels_last=True,
+                                      cudnn_benchmark=cudnn_benchmark, **DRY_RUN_BENCHMARK)
     return run_sparsity_benchmark(device="cuda", precision=precision, channels_last=True, compile=compile,
                                   compile_mode=compile_mode, cudnn_benchmark=cudnn_benchmark, repeats=20, warmup=3,
                                   **BENCHMARK)
 
 
-# Stages run by `--stage NAME` in their own process; "tests" runs pytest processes from the parent's side.
-# The step benchmarks run cuDNN as training does (deterministic), and once with its autotuner, labelled.
-BENCHMARK_STAGES = {
-    "sites": stage_sites,
-    "steps": stage_steps,
-    "steps_fp16": partial(stage_steps, precision="fp16"),
-    "steps_cudnn_benchmark": partial(stage_steps, cudnn_benchmark=True),
-    "steps_compiled": partial(stage_steps, compile=True),
-    "steps_cuda_graphs": partial(stage_steps, compile=True, compile_mode="reduce-overhead"),  # train.compile_mode
+# The step benchmarks' settings. cuDNN runs as training runs it (deterministic) but in the stage that
+# says it runs the autotuner; reduce-overhead is `train.compile_mode`'s CUDA graphs.
+STEP_STAGES = {
+    "steps": {"precision": "bf16"},
+    "steps_fp16": {"precision": "fp16"},
+    "steps_cudnn_benchmark": {"precision": "bf16", "cudnn_benchmark": True},
+    "steps_compiled": {"precision": "bf16", "compile": True},
+    "steps_cuda_graphs": {"precision": "bf16", "compile": True, "compile_mode": "reduce-overhead"},
 }
+# Stages run by `--stage NAME` in their own process; "tests" runs pytest processes from the parent's side.
+BENCHMARK_STAGES = {"sites": stage_sites,
+                    **{name: partial(stage_steps, **settings) for name, settings in STEP_STAGES.items()}}
 STAGES = ("tests", *BENCHMARK_STAGES)
+
+
+def gpu_plan(name: str) -> str:
+    """What a stage runs on the GPU, in words (a dry run prints it beside what it ran instead)."""
+    model = f"WRN-{BENCHMARK['depth']}-{BENCHMARK['widen_factor']}, batch {BENCHMARK['batch_size']}, keep ratio " \
+            f"{BENCHMARK['keep_ratio']}"
+    if name == "tests":
+        return f"pytest -m gpu {TEST_FILE}, each test at most {TEST_LIMIT_S} s"
+    if name == "sites":
+        return f"every site shape of {model}, bf16, channels_last"
+    settings = STEP_STAGES[name]
+    compile_mode = settings["compile_mode"] if "compile_mode" in settings else (
+        "default" if settings.get("compile") else "off")
+    return (f"train steps of {model}, {settings['precision']} autocast, channels_last, cuDNN "
+            f"{'benchmark' if settings.get('cudnn_benchmark') else 'deterministic'}, compile {compile_mode}")
+
+
+# ------------------------------------------------------------------------------------ targets
+SITE_SPEEDUP_TARGET = 5.0  # the kernels over torch.topk + mask, all sites of a batch together
+DENSE_COMPILED_IMAGES_PER_S = 40_000
+
+
+def target_verdicts(report: dict) -> list[dict]:
+    """Issue 20's targets, each with its figure and whether it was met: None where no stage measured it,
+    and in a dry run (CPU at tiny shapes measures the plumbing, not the GPU)."""
+    from sparsedist.bench.sparsity import TARGET_RATIO
+
+    def result(name: str) -> dict:
+        stage = report["stages"].get(name, {})
+        return stage.get("result", {}) if stage.get("status") == "ok" else {}
+
+    verdicts = []
+
+    def judge(target: str, figure: float | None, met: bool) -> None:
+        judged = figure is not None and not report["environment"]["dry_run"]
+        verdicts.append({"target": target, "figure": figure, "met": met if judged else None})
+
+    sites = result("sites").get("total", {})
+    for scope, reference in (("layer", "topk_scatter"), ("network", "topk_where")):
+        row = sites.get(scope, {})
+        speedup = row[f"{reference}_ms"] / row["kernel_ms"] if row else None
+        judge(f"{scope} kernels >= {SITE_SPEEDUP_TARGET:g}x {reference} (sites)", speedup,
+              speedup is not None and speedup >= SITE_SPEEDUP_TARGET)
+    for name in ("steps", "steps_fp16"):
+        ratios = result(name).get("ratio_to_dense", {})
+        for scope, limit in TARGET_RATIO["cuda"].items():
+            judge(f"{scope} step <= {limit}x dense ({name})", ratios.get(scope),
+                  scope in ratios and ratios[scope] <= limit)
+    images_per_s = result("steps_compiled").get("images_per_s", {}).get("dense_compiled")
+    judge(f"dense compiled >= {DENSE_COMPILED_IMAGES_PER_S} images/s (steps_compiled)", images_per_s,
+          images_per_s is not None and images_per_s >= DENSE_COMPILED_IMAGES_PER_S)
+    return verdicts
 
 
 # ------------------------------------------------------------------------------ orchestration
@@ -325,16 +381,27 @@ def _summary(report: dict) -> str:
             lines += [f"  {outcome['outcome']}: {test_id}" for test_id, outcome in result["problems"].items()]
         elif name == "sites" and result:
             for scope, row in result["total"].items():
-                lines.append(f"  {scope}: kernels {row['kernel_ms']:.2f} ms for all sites, "
-                             + ", ".join(f"{other} {row[f'{other}_ms'] / row['kernel_ms']:.1f}x slower"
+                lines.append(f"  {scope}: kernels {row['kernel_ms']:.2f} ms for all sites; in the kernels' time, "
+                             + ", ".join(f"{other} {row[f'{other}_ms'] / row['kernel_ms']:.2f}x"
                                          for other in row["compared"]))
         elif result:
             setup = result["setup"]
             lines.append(f"  {setup['dtype']}, cuDNN {setup['cudnn']}, compile {setup['compile_mode'] or 'off'}")
-            lines.append("  " + ", ".join(f"{variant} {ratio:.3f}x" for variant, ratio in result["ratio_to_dense"].items()))
-            lines.append(f"  dense {result['images_per_s']['dense']:.0f} images/s"
-                         + (f", compiled {result['images_per_s']['dense_compiled']:.0f}" if "dense_compiled"
-                            in result["images_per_s"] else ""))
+            ratios, images_per_s = result["ratio_to_dense"], result["images_per_s"]
+            lines.append("  x eager dense: " + ", ".join(f"{variant} {ratio:.3f}" for variant, ratio in ratios.items()))
+            if "dense_compiled" in ratios:
+                lines.append("  x compiled dense: " + ", ".join(
+                    f"{scope} {ratios[f'{scope}_compiled'] / ratios['dense_compiled']:.3f}" for scope in ("layer", "network")))
+            lines.append(f"  dense {images_per_s['dense']:.0f} images/s"
+                         + (f", compiled {images_per_s['dense_compiled']:.0f}" if "dense_compiled" in images_per_s else ""))
+        if environment["dry_run"]:
+            lines.append(f"  on the GPU: {gpu_plan(name)}")
+    lines.append("targets" + (" (not judged in a dry run: CPU at tiny shapes measures the plumbing)"
+                              if environment["dry_run"] else "") + ":")
+    for verdict in report["targets"]:
+        figure = "not measured" if verdict["figure"] is None else f"{verdict['figure']:.3g}"
+        met = {True: "met", False: "MISSED", None: "-"}[verdict["met"]]
+        lines.append(f"  {met:<6} {verdict['target']}: {figure}")
     return "\n".join(lines) + "\n"
 
 
@@ -365,6 +432,9 @@ def run_check(out_dir: str, wheel_dir: str, budget_s: float, dry_run: bool = Fal
                                       else _run_stage(name, scratch, env, limit, dry_run))
             with open(os.path.join(out_dir, "gpu-check.json"), "w", encoding="utf-8") as handle:
                 json.dump(report, handle, indent=2)
+        report["targets"] = target_verdicts(report)
+        with open(os.path.join(out_dir, "gpu-check.json"), "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
     summary = _summary(report)
     with open(os.path.join(out_dir, "gpu-check.txt"), "w", encoding="utf-8") as handle:
         handle.write(summary)

@@ -76,9 +76,37 @@ def test_the_dry_run_runs_every_stage_and_leaves_only_its_result_files(tmp_path)
     assert tests["tests"] >= 10 and tests["skipped"] == tests["tests"] and tests["pytest_runs"] == 1
     summary = (out / "gpu-check.txt").read_text()
     assert summary == done.stdout and "layer: kernels" in summary and "network: kernels" in summary
-    assert "dense 1.000x" in summary and f"{tests['tests']} skipped" in summary
+    assert "dense 1.000," in summary and f"{tests['tests']} skipped" in summary
+    # Each step stage ran its GPU precision at tiny shapes; the summary names what the GPU runs instead.
+    assert [report["stages"][name]["result"]["setup"]["dtype"] for name in gpu_check.STEP_STAGES] == [
+        f"{settings['precision']} autocast" for settings in gpu_check.STEP_STAGES.values()]
+    assert "on the GPU: train steps of WRN-28-4, batch 128" in summary and "compile reduce-overhead" in summary
+    assert [verdict["met"] for verdict in report["targets"]] == [None] * 7 and "not judged in a dry run" in summary
     assert "tests/test_gpu.py::test_resume_on_cuda_continues_the_identical_trajectory[fp16] SKIPPED" in (
         out / "gpu-tests.log").read_text()
+
+
+def test_targets_are_judged_from_the_stages_that_measured_them():
+    def steps(layer: float, network: float, **images_per_s: float) -> dict:
+        return {"status": "ok", "result": {"ratio_to_dense": {"dense": 1.0, "layer": layer, "network": network},
+                                           "images_per_s": images_per_s}}
+
+    report = {"environment": {"dry_run": False}, "stages": {
+        "sites": {"status": "ok", "result": {"total": {"layer": {"kernel_ms": 1.0, "topk_scatter_ms": 6.0},
+                                                       "network": {"kernel_ms": 1.0, "topk_where_ms": 4.0}}}},
+        "steps": steps(1.04, 1.06),
+        "steps_fp16": {"status": "timed out after 45 s"},
+        "steps_compiled": steps(1.0, 1.0, dense_compiled=41_000.0)}}
+    verdicts = {verdict["target"]: (verdict["figure"], verdict["met"]) for verdict in gpu_check.target_verdicts(report)}
+    assert verdicts == {
+        "layer kernels >= 5x topk_scatter (sites)": (6.0, True),
+        "network kernels >= 5x topk_where (sites)": (4.0, False),
+        "layer step <= 1.05x dense (steps)": (1.04, True),
+        "network step <= 1.05x dense (steps)": (1.06, False),
+        "layer step <= 1.05x dense (steps_fp16)": (None, None),  # the stage timed out: nothing to judge
+        "network step <= 1.05x dense (steps_fp16)": (None, None),
+        "dense compiled >= 40000 images/s (steps_compiled)": (41_000.0, True),
+    }
 
 
 # GPU-test stand-ins: a hang, and a CUDA fault that poisons the rest of its process.

@@ -49,6 +49,12 @@ def reference_network_threshold(site_values: list[torch.Tensor], keep_ratio: flo
     return values.topk(max(1, int(keep_ratio * values.numel())), sorted=False).values.min().item()
 
 
+def reference_site_threshold_mask(x: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Brute force for one site of network scope: its threshold by torch.topk, then the mask."""
+    threshold = x.reshape(-1).topk(max(1, int(keep_ratio * x.numel())), sorted=False).values.min()
+    return torch.where(x >= threshold, x, 0.0)
+
+
 class _LambdaSite(nn.Module):
     def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]):
         super().__init__()
@@ -235,8 +241,9 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
     """Forward cost of the constraint alone on every site shape of a WRN: kernels vs the alternatives.
 
     Per distinct shape, the median milliseconds of: `layer` by the kernel (mask + where), by
-    torch.topk + scatter (the plain reference) and by the eager path; `network` by the fused kernel
-    and by the eager path (histogram + threshold, two passes). Totals weigh shapes by their site
+    torch.topk + scatter (the plain reference) and by the eager path; `network` by the fused kernel,
+    by torch.topk over the site + mask (its plain reference) and by the eager path (histogram +
+    threshold, two passes). Totals weigh shapes by their site
     count. Inputs are relu(randn) maps; tau keeps about rho of them.
     """
     device = torch.device(device)
@@ -259,6 +266,7 @@ def run_site_benchmark(batch_size: int = 128, keep_ratio: float = 0.1, depth: in
                       "eager": lambda: top_k_per_sample(x, keep_ratio)},
             "network": {"kernel": lambda: ops.zero_below_counting(x, tau_tensor, counts_buffer, HISTOGRAM_BINS,
                                                                   HISTOGRAM_BINS + 1, True, True),
+                        "topk_where": lambda: reference_site_threshold_mask(x, keep_ratio),
                         "eager": lambda: (zero_below(x, tau), bit_histogram(x, histogram_origin(tau)))},
         }
         row = {"shape": list(shape), "sites": sites}
