@@ -187,14 +187,16 @@ def test_pixels_and_labels_match_the_source_after_undoing_normalization(tmp_path
 
 @pytest.mark.timeout(120)
 def test_importing_the_contract_skips_ffcv_and_importing_ffcv_keeps_torch_threads():
+    # A training worker imports the loaders, but torchvision only where an archive is read (a second each).
     code = (
         "import sys, torch; torch.set_num_threads(3); import sparsedist.data.base, sparsedist.data.memory; "
         "print('ffcv' in sys.modules, 'torchvision' in sys.modules); "
-        "from sparsedist.data import build_loaders, prepare; print('ffcv' in sys.modules, torch.get_num_threads())"
+        "import sparsedist.launch.worker; from sparsedist.data import build_loaders, prepare; "
+        "print('ffcv' in sys.modules, torch.get_num_threads(), 'torchvision' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=100, cwd=Path(__file__).parents[1])
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split() == ["False", "False", "True", "3"]
+    assert run.stdout.split() == ["False", "False", "True", "3", "False"]
 
 
 def test_sharded_loaders_without_a_process_group_are_refused(tmp_path):

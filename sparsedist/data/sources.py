@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
 
 from sparsedist import storage
 from sparsedist.data import synthetic
@@ -28,7 +27,15 @@ IDX_FILES = {  # (images, labels) per split, as upstream names them
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-CIFAR_CLASSES = {"cifar10": (CIFAR10, 10), "cifar100": (CIFAR100, 100)}
+CIFAR_CLASSES = {"cifar10": ("CIFAR10", 10), "cifar100": ("CIFAR100", 100)}  # torchvision's dataset class, classes
+
+
+def _torchvision_dataset(class_name: str) -> type:
+    """torchvision's dataset class (its file names, URLs and checked download): imported only where an
+    archive is read, since torchvision takes a second to import in every training worker."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, class_name)
 
 
 class DataUnavailableError(RuntimeError):
@@ -102,7 +109,8 @@ def _resolve(data_cfg, local_copies: list[Path], is_usable: Callable[[Path], boo
 
 # --------------------------------------------------------------------------------------- CIFAR
 def _load_cifar(name: str, data_cfg, log) -> SourceData:
-    tv_class, num_classes = CIFAR_CLASSES[name]
+    class_name, num_classes = CIFAR_CLASSES[name]
+    tv_class = _torchvision_dataset(class_name)
     home = raw_dir(data_cfg)
     help_text = (
         f"Download {tv_class.url} and put it at {home / tv_class.filename} (or its extracted folder at "
@@ -159,16 +167,17 @@ def _check_labels(labels: np.ndarray, num_classes: int) -> None:
 # --------------------------------------------------------------------------------- Fashion-MNIST
 def _load_fashion_mnist(data_cfg, log) -> SourceData:
     home = raw_dir(data_cfg)
-    torchvision_dir = home / FashionMNIST.__name__ / "raw"  # where torchvision's download lands
+    fashion_mnist = _torchvision_dataset("FashionMNIST")
+    torchvision_dir = home / fashion_mnist.__name__ / "raw"  # where torchvision's download lands
     names = ", ".join(f"{file}.gz" for pair in IDX_FILES.values() for file in pair)
     help_text = (
         f"Install the Debian/Ubuntu package dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist; "
-        f"it puts the files in {FASHION_MNIST_SYSTEM_DIR}), or download {names} from {FashionMNIST.mirrors[0]} "
+        f"it puts the files in {FASHION_MNIST_SYSTEM_DIR}), or download {names} from {fashion_mnist.mirrors[0]} "
         f"into {home}, or point data.source (--source) at a folder holding them."
     )
 
     def download() -> Path:
-        FashionMNIST(str(home), train=False, download=True)  # verifies torchvision's MD5 of each file
+        fashion_mnist(str(home), train=False, download=True)  # verifies torchvision's MD5 of each file
         return torchvision_dir
 
     source = _resolve(data_cfg, [home, torchvision_dir, FASHION_MNIST_SYSTEM_DIR], _has_idx_files, download, help_text, log)
