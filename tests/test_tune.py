@@ -1,5 +1,6 @@
-"""`run_sweep`: bad input fails before any trial; a tiny ASHA sweep on a real local Ray cluster (127.0.0.1),
-interrupted with Ctrl-C and resumed, yields sweep.csv and summary.md; eval and report run on its outputs."""
+"""`run_sweep`: bad input fails before any trial; a tiny ASHA sweep on a real local Ray cluster (127.0.0.1)
+yields sweep.csv and summary.md, and eval and report run on its outputs; an Optuna sweep interrupted with
+Ctrl-C resumes its trials; PBT's exploits continue the donor's weights."""
 
 import argparse
 import csv
@@ -271,9 +272,8 @@ def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, m
     first.send_signal(signal.SIGINT)
     output = first.communicate(timeout=180)[0]
     finished_before = {d.name: trial_fingerprint(d) for d in completed_trials(sweep_dir)}
-    started_before = sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
-    params_before = {name: json.loads((sweep_dir / TRIALS_DIR / name / "trial.json").read_text())["params"]
-                     for name in started_before}
+    params_before = {started.name: json.loads((started / "trial.json").read_text())["params"]
+                     for started in (sweep_dir / TRIALS_DIR).iterdir()}
     assert finished_before and len(finished_before) < trials, output[-5000:]
 
     resumed_at = time.time()
@@ -281,14 +281,22 @@ def interrupt_and_resume(root: Path, space_text: str, trials: int, spec: dict, m
                           overrides=overrides)
     output = second.communicate(timeout=SWEEP_TIMEOUT_S)[0]
     assert second.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
-    return {"sweep_dir": sweep_dir, "finished_before": finished_before, "started_before": started_before,
-            "params_before": params_before, "resumed_at": resumed_at}
+    return {"sweep_dir": sweep_dir, "finished_before": finished_before, "params_before": params_before,
+            "resumed_at": resumed_at}
+
+
+def sweep_to_the_end(root: Path, space_text: str, **launch) -> Path:
+    """A sweep launched in `root` and run to its end: its sweep directory."""
+    sweep = launch_sweep(write_space(root, space_text), root / "sweep", root / "data", resume=False, **launch)
+    output = sweep.communicate(timeout=SWEEP_TIMEOUT_S)[0]
+    assert sweep.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
+    return root / "sweep"
 
 
 @pytest.fixture(scope="module")
-def resumed_sweep(tmp_path_factory):
-    """A 4-trial ASHA sweep, interrupted once a trial has finished, then resumed."""
-    return interrupt_and_resume(tmp_path_factory.mktemp("tune"), TINY_SPACE, trials=4, spec={"scheduler": "asha"})
+def asha_sweep(tmp_path_factory):
+    """A 4-trial ASHA sweep, two trials at a time, run to its end (the Optuna sweep is the one interrupted)."""
+    return sweep_to_the_end(tmp_path_factory.mktemp("tune"), TINY_SPACE, spec={"scheduler": "asha"})
 
 
 @pytest.fixture(scope="module")
@@ -342,24 +350,14 @@ def test_each_sweep_trial_is_one_mlflow_run_also_across_a_resume(resumed_optuna_
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(resumed_sweep):
-    sweep_dir = resumed_sweep["sweep_dir"]
-    trials = sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
-    assert len(trials) == 4 and set(resumed_sweep["started_before"]) <= set(trials)
-    for name, fingerprint in resumed_sweep["finished_before"].items():
-        assert trial_fingerprint(sweep_dir / TRIALS_DIR / name) == fingerprint, f"{name} was rerun"
-    # Every trial ran at least the first ASHA rung (one epoch) across the two launches.
-    for name in trials:
-        epochs = [json.loads(line) for line in (sweep_dir / TRIALS_DIR / name / METRICS_FILE).open()]
-        assert any(r["kind"] == "epoch" for r in epochs), name
-
-
-@pytest.mark.slow
-def test_tiny_sweep_writes_one_csv_row_per_trial_and_a_summary(resumed_sweep):
-    sweep_dir = resumed_sweep["sweep_dir"]
+def test_tiny_sweep_writes_one_csv_row_per_trial_and_a_summary(asha_sweep):
+    sweep_dir = asha_sweep
     with (sweep_dir / CSV_FILE).open() as handle:
         rows = list(csv.DictReader(handle))
     assert sorted(r["trial_id"] for r in rows) == sorted(p.name for p in (sweep_dir / TRIALS_DIR).iterdir())
+    for row in rows:  # every trial ran at least the first ASHA rung (one epoch)
+        epochs = [json.loads(line) for line in (sweep_dir / TRIALS_DIR / row["trial_id"] / METRICS_FILE).open()]
+        assert any(r["kind"] == "epoch" for r in epochs), row["trial_id"]
     assert sorted((r["controller"], r["run.seed"]) for r in rows) == [("dense", "0"), ("dense", "1"), ("smoke", "0"), ("smoke", "1")]
     assert {r["status"] for r in rows} <= {"completed", "stopped"} and "completed" in {r["status"] for r in rows}
     for row in rows:
@@ -371,8 +369,8 @@ def test_tiny_sweep_writes_one_csv_row_per_trial_and_a_summary(resumed_sweep):
 
 
 @pytest.mark.slow
-def test_eval_reproduces_the_selected_checkpoint_accuracy_of_a_trial(resumed_sweep, tmp_path, capsys):
-    sweep_dir = resumed_sweep["sweep_dir"]
+def test_eval_reproduces_the_selected_checkpoint_accuracy_of_a_trial(asha_sweep, tmp_path, capsys):
+    sweep_dir = asha_sweep
     with (sweep_dir / CSV_FILE).open() as handle:
         row = next(r for r in csv.DictReader(handle) if r["status"] == "completed")
     parser = argparse.ArgumentParser()
@@ -390,12 +388,12 @@ def test_eval_reproduces_the_selected_checkpoint_accuracy_of_a_trial(resumed_swe
 
 
 @pytest.mark.slow
-def test_report_runs_on_the_sweep_outputs(resumed_sweep, tmp_path):
+def test_report_runs_on_the_sweep_outputs(asha_sweep, tmp_path):
     from matplotlib.image import imread
 
     parser = argparse.ArgumentParser()
     add_report_arguments(parser)
-    assert report_from_args(parser.parse_args([str(resumed_sweep["sweep_dir"]), "--out", str(tmp_path)])) == 0
+    assert report_from_args(parser.parse_args([str(asha_sweep), "--out", str(tmp_path)])) == 0
     for name in ("accuracy_vs_keep.png", "keep_trajectory.png", "train_vs_val.png"):
         assert imread(tmp_path / name)[..., :3].std() > 0.05, name
     assert "| controller=" in (tmp_path / "report.md").read_text()
@@ -416,15 +414,11 @@ PBT_SWEEPS = 3
 def pbt_sweep(tmp_path_factory):
     """Two trials of the smoke controller under PBT, perturbed every epoch, with at least one exploit."""
     for _ in range(PBT_SWEEPS):
-        root = tmp_path_factory.mktemp("pbt")
-        sweep = launch_sweep(write_space(root, PBT_SPACE), root / "sweep", root / "data", resume=False,
-                             spec={"scheduler": "pbt", "perturbation_interval": 1, "num_samples": 2},
-                             overrides=PBT_OVERRIDES)
-        output = sweep.communicate(timeout=SWEEP_TIMEOUT_S)[0]
-        assert sweep.returncode == 0 and "SWEEP DONE" in output, output[-5000:]
-        if any(t.exploits for t in read_trials(str(root / "sweep"))):
+        sweep_dir = sweep_to_the_end(tmp_path_factory.mktemp("pbt"), PBT_SPACE, overrides=PBT_OVERRIDES,
+                                     spec={"scheduler": "pbt", "perturbation_interval": 1, "num_samples": 2})
+        if any(t.exploits for t in read_trials(str(sweep_dir))):
             break
-    return root / "sweep"
+    return sweep_dir
 
 
 def replay_epoch(cfg, state):
