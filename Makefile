@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 
-.PHONY: setup system-deps test demo bench gpu-check gpu-wheels clean
+.PHONY: setup system-deps test demo bench gpu-check gpu-wheels gpu-stack-check clean
 
 setup: $(STAMP)
 
@@ -56,5 +56,23 @@ gpu-wheels:
 	$(PY) -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 	  --implementation cp --abi cp312 -d wheels "pydantic==$$($(PY) -c 'import pydantic; print(pydantic.VERSION)')"
 
+# Here, with network: the GPU machine's own software (Python 3.12, torch 2.11, Triton 3.6; see the
+# device tool's KINDS.md) in a venv of its own, running the method's tests and gpu-check's dry run on
+# CPU, so that a difference between versions shows here rather than in scarce GPU time. numpy stays
+# below 2.4 there: Triton 3.6's interpreter (CPU only; the GPU compiles the kernels) fails on numpy
+# 2.5's scalar conversion. Pydantic comes from wheels/: installed by the dry run as on the GPU, and
+# for the tests into a folder of its own.
+GPU_STACK := .venv-gpu-stack
+PY312 ?= python3.12
+GPU_STACK_TESTS := tests/test_kernels.py tests/test_layer_selection.py tests/test_sparsity.py \
+  tests/test_sparsity_distributed.py tests/test_compile.py tests/test_host_syncs.py tests/test_models.py \
+  tests/test_controllers.py tests/test_gpu_check.py tests/test_gpu.py
+gpu-stack-check: gpu-wheels
+	test -x $(GPU_STACK)/bin/python || $(PY312) -m venv $(GPU_STACK)
+	$(GPU_STACK)/bin/python -m pip install --quiet torch==2.11.0 triton==3.6.0 'numpy<2.4' scipy pyyaml pytest
+	rm -rf $(GPU_STACK)/dry-run && OUT=$(GPU_STACK)/dry-run $(GPU_STACK)/bin/python -m sparsedist.gpu_check --dry-run
+	$(GPU_STACK)/bin/python -m pip install --quiet --no-index --no-deps --upgrade --target $(GPU_STACK)/wheels wheels/*.whl
+	PYTHONPATH=$(GPU_STACK)/wheels $(GPU_STACK)/bin/python -m pytest -q -p no:cacheprovider $(GPU_STACK_TESTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(GPU_STACK) build *.egg-info
