@@ -247,10 +247,11 @@ def zero_below_counting(x: torch.Tensor, threshold: torch.Tensor, counts: torch.
 
 
 def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0; one pass."""
-    if grad.stride() != x.stride():  # the same memory order as x (a copy only for unusual gradients)
-        grad = torch.empty_like(x, dtype=grad.dtype).copy_(grad)
-    out = torch.empty_like(grad)
+    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0; one pass, out
+    in x's memory format."""
+    out = torch.empty_like(x, dtype=grad.dtype)
+    if grad.stride() != out.stride():  # read in out's order (a copy only when the gradient's layout differs)
+        grad = torch.empty_like(out).copy_(grad)
     flat = _memory_order(x.detach())
     with _on_device_of(x):
         _network_backward_kernel[(triton.cdiv(flat.numel(), _BLOCK),)](

@@ -51,15 +51,17 @@ def _(x, threshold, counts, kept_index, values_index, count, use_kernel) -> torc
 
 @torch.library.custom_op("sparsedist::zero_below_backward", mutates_args=())
 def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Tensor, use_kernel: bool) -> torch.Tensor:
-    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0."""
+    """zero_below's gradient: `grad` where x >= tau (exact in float32), everywhere at tau 0, in x's memory
+    format whatever grad's (inductor checks the strides against the fake: a channels_last x can meet a
+    contiguous gradient)."""
     if use_kernel:
         return kernels.zero_below_backward(grad, x, threshold)
-    return torch.where((x.float() >= threshold) | (threshold <= 0), grad, 0.0)
+    return torch.empty_like(x, dtype=grad.dtype).copy_(torch.where((x.float() >= threshold) | (threshold <= 0), grad, 0.0))
 
 
 @zero_below_backward.register_fake
 def _(grad, x, threshold, use_kernel) -> torch.Tensor:
-    return torch.empty_like(grad)
+    return torch.empty_like(x, dtype=grad.dtype)
 
 
 class _ZeroBelowCounting(torch.autograd.Function):
