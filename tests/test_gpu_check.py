@@ -86,6 +86,14 @@ def test_the_dry_run_runs_every_stage_and_leaves_only_its_result_files(tmp_path)
         out / "gpu-tests.log").read_text()
 
 
+def test_the_compiled_stages_share_what_the_others_left():
+    assert gpu_check.stage_limit("tests", gpu_check.BUDGET_S) == gpu_check.STAGE_LIMIT_S["tests"]
+    assert gpu_check.stage_limit("sites", 10) == 10  # never past the budget
+    assert gpu_check.stage_limit("steps_compiled", 260) == 130  # half: steps_cuda_graphs comes after it
+    assert gpu_check.stage_limit("steps_cuda_graphs", 140) == 140
+    assert sum(gpu_check.STAGE_LIMIT_S.values()) <= gpu_check.BUDGET_S - 120  # 60 s each at the least
+
+
 def test_targets_are_judged_from_the_stages_that_measured_them():
     def steps(layer: float, network: float, **images_per_s: float) -> dict:
         return {"status": "ok", "result": {"ratio_to_dense": {"dense": 1.0, "layer": layer, "network": network},
