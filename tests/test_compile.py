@@ -40,10 +40,11 @@ def test_a_compiled_model_trains_through_a_keep_ratio_schedule_on_one_compilatio
         assert final["threshold"] > 0 and final["realized_keep"] < 0.3
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", [False, True])  # True: the Triton kernels (here in the interpreter)
-def test_each_custom_op_fake_gives_the_real_layout_for_a_channels_last_input_and_a_contiguous_gradient(use_kernel):
-    x = torch.relu(torch.randn(2, 8, 4, 4)).to(memory_format=torch.channels_last)
-    gradient, threshold = torch.randn(2, 8, 4, 4), torch.tensor(0.5)
+def test_each_custom_op_fake_gives_the_real_layout_for_a_channels_last_input_and_a_contiguous_gradient(use_kernel, dtype):
+    x = torch.relu(torch.randn(2, 8, 4, 4)).to(dtype, memory_format=torch.channels_last)
+    gradient, threshold = torch.randn(2, 8, 4, 4, dtype=dtype), torch.tensor(0.5)
     counts = torch.zeros(HISTOGRAM_BINS + 2, dtype=torch.int64)
     for op, args in ((ops.top_k_mask, (x, torch.tensor(0.25, dtype=torch.float64), use_kernel)),
                      (ops.zero_below_counting, (x, threshold, counts, HISTOGRAM_BINS, HISTOGRAM_BINS + 1, True, use_kernel)),
