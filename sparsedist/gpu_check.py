@@ -438,11 +438,9 @@ def run_check(out_dir: str, wheel_dir: str, budget_s: float, dry_run: bool = Fal
             limit = stage_limit(name, deadline - time.monotonic())
             report["stages"][name] = (_tests_stage(out_dir, scratch, env, limit) if name == "tests"
                                       else _run_stage(name, scratch, env, limit, dry_run))
+            report["targets"] = target_verdicts(report)
             with open(os.path.join(out_dir, "gpu-check.json"), "w", encoding="utf-8") as handle:
                 json.dump(report, handle, indent=2)
-        report["targets"] = target_verdicts(report)
-        with open(os.path.join(out_dir, "gpu-check.json"), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
     summary = _summary(report)
     with open(os.path.join(out_dir, "gpu-check.txt"), "w", encoding="utf-8") as handle:
         handle.write(summary)
