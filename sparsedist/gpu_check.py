@@ -258,12 +258,10 @@ def stage_steps(dry_run: bool, precision: str, compile: bool = False, compile_mo
                 cudnn_benchmark: bool = False) -> dict:
     from sparsedist.bench.sparsity import run_sparsity_benchmark
 
-    if dry_run:  # compile stays off: CPU inductor compilations take minutes; the stage's plumbing is what runs
-        return run_sparsity_benchmark(repeats=1, warmup=1, precision=precision, channels_last=True,
-                                      cudnn_benchmark=cudnn_benchmark, **DRY_RUN_BENCHMARK)
-    return run_sparsity_benchmark(device="cuda", precision=precision, channels_last=True, compile=compile,
-                                  compile_mode=compile_mode, cudnn_benchmark=cudnn_benchmark, repeats=20, warmup=3,
-                                  **BENCHMARK)
+    # A dry run keeps compile off: CPU inductor compilations take minutes; the stage's plumbing is what runs.
+    run = ({"repeats": 1, "warmup": 1, **DRY_RUN_BENCHMARK} if dry_run else
+           {"device": "cuda", "compile": compile, "compile_mode": compile_mode, "repeats": 20, "warmup": 3, **BENCHMARK})
+    return run_sparsity_benchmark(precision=precision, channels_last=True, cudnn_benchmark=cudnn_benchmark, **run)
 
 
 # The step benchmarks' settings. cuDNN runs as training runs it (deterministic) but in the stage that

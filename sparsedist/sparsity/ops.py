@@ -56,7 +56,8 @@ def zero_below_backward(grad: torch.Tensor, x: torch.Tensor, threshold: torch.Te
     contiguous gradient)."""
     if use_kernel:
         return kernels.zero_below_backward(grad, x, threshold)
-    return torch.empty_like(x, dtype=grad.dtype).copy_(torch.where((x.float() >= threshold) | (threshold <= 0), grad, 0.0))
+    kept = (x.float() >= threshold) | (threshold <= 0)
+    return torch.where(kept, grad, grad.new_zeros(()), out=torch.empty_like(x, dtype=grad.dtype))  # no second pass
 
 
 @zero_below_backward.register_fake
